@@ -1,0 +1,5 @@
+import sys
+
+from univg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""The `univg` command: one subcommand per job, each defined next to the stage that owns it.
+
+    univg shards build --config configs/corpus/tiny.yaml --out data/shards/tiny
+    univg shards verify|preview|stats DIR
+
+Stage modules are imported only when their subcommand runs, so `univg shards ...` never pays for
+torch or DeepSpeed start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module providing add_arguments(parser) and run(args) -> int
+_COMMANDS = {
+    "shards": ("shards.cli", "build, verify, preview, inspect and merge WebDataset shard corpora"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="univg", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_module, help_text) in _COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
+        parser.parse_args(argv)  # prints usage or the error for an unknown command, and exits
+        return 2
+    module = importlib.import_module(_COMMANDS[argv[0]][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"univg {argv[0]}", description=_COMMANDS[argv[0]][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"univg {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Settings of the segmenter and of a few-shot fine-tuning run, as frozen dataclasses.
+
+    cfg = load_finetune_config("configs/finetune/cpu-fast.yaml", ["segmenter.optim.max_steps=200"])
+    seg_cfg = cfg.segmenter
+
+`SegmenterConfig` is everything `finetune.segmenter.train_segmenter` needs; it is saved beside every
+trained model (`<run>/model/config.json`), so a model folder alone says how to rebuild and run its network.
+`FinetuneConfig` is the whole run's config (`configs/finetune/*.yaml`); the synthesis settings join it
+as further parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from univg.config import ConfigError, load_config
+
+# Network families (see finetune.segmenter.build_network):
+#   unet            MONAI UNet, residual units, instance norm (the nnU-Net-like baseline)
+#   attention_unet  MONAI AttentionUnet (attention gates on the skip connections)
+#   swin_unetr      MONAI SwinUNETR, 2D (shifted-window transformer encoder, conv decoder)
+#   resnet_unet     MONAI FlexibleUNet with a randomly initialised ResNet encoder (DeepLab-like residual
+#                   encoder; no pretrained weights, so it works offline)
+#   segresnet       MONAI SegResNet (residual encoder-decoder, group norm)
+Architecture = Literal["unet", "attention_unet", "swin_unetr", "resnet_unet", "segresnet"]
+ARCHITECTURES: tuple[str, ...] = ("unet", "attention_unet", "swin_unetr", "resnet_unet", "segresnet")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How an image becomes network input (finetune.sampler.prepare_image)."""
+
+    # Every image becomes 3 channels, RGB order: colour images as they are, grey ones replicated into all
+    # three, so grey and colour tasks (and grey synthetic images for a colour task) share one network.
+    # Each channel is then z-scored over the whole image after clipping to its own 0.5..99.5 percentiles.
+    max_side_px: int = 0  # images with a longer side (px) are downscaled to it for the network; 0 = never
+
+    def __post_init__(self) -> None:
+        if self.max_side_px < 0:
+            raise ValueError(f"input.max_side_px={self.max_side_px} must be >= 0 (0 keeps native size)")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Which network, and how big."""
+
+    arch: Architecture = "unet"  # network family (list above)
+    base_channels: int = 16  # feature maps at full resolution (count), doubled per level; swin: 12k
+    num_levels: int = 4  # resolution levels incl. full resolution (count); unet / attention_unet / segresnet
+    backbone: str = "resnet18"  # resnet_unet encoder: resnet10, resnet18 or resnet34 (random init)
+    dropout: float = 0.0  # dropout probability in the network (fraction)
+
+    def __post_init__(self) -> None:
+        if self.base_channels < 4:
+            raise ValueError(f"net.base_channels={self.base_channels} must be >= 4")
+        if self.arch == "swin_unetr" and self.base_channels % 12:
+            raise ValueError(
+                f"net.base_channels={self.base_channels} must be a multiple of 12 for swin_unetr "
+                "(its feature size is split over 3, 6, 12 and 24 attention heads)"
+            )
+        if self.arch == "segresnet" and self.base_channels % 8:
+            raise ValueError(
+                f"net.base_channels={self.base_channels} must be a multiple of 8 for segresnet "
+                "(group norm with 8 groups)"
+            )
+        if not 2 <= self.num_levels <= 6:
+            raise ValueError(f"net.num_levels={self.num_levels} must be in 2..6")
+        if self.backbone not in ("resnet10", "resnet18", "resnet34"):
+            raise ValueError(f"net.backbone={self.backbone!r} must be resnet10, resnet18 or resnet34")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"net.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def size_multiple_px(self) -> int:
+        """Patch and window sides must be multiples of this (px): the network halves them this often."""
+        if self.arch == "swin_unetr":
+            return 32  # patch embedding /2, then four /2 merges
+        if self.arch == "resnet_unet":
+            return 32  # ResNet stem /4, then three /2 stages
+        return 2 ** (self.num_levels - 1)
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Training patches: size, batch and where they come from."""
+
+    patch_size_px: int = 96  # side of the square training patches (px); multiple of net.size_multiple_px
+    batch_size: int = 8  # patches per optimizer step on each process (count)
+    foreground_fraction: float = 0.33  # share of patches centred on a random vessel pixel (nnU-Net: 0.33)
+    synthetic_fraction: float = 0.5  # share of each batch drawn from synthetic pairs, when any are given
+    synthetic_pool_size: int = 256  # synthetic pairs held in memory at once (count); oldest replaced first
+    synthetic_refresh_per_step: int = 1  # new synthetic pairs pulled from the source per step (count)
+
+    def __post_init__(self) -> None:
+        if self.patch_size_px < 16:
+            raise ValueError(f"patch.patch_size_px={self.patch_size_px} must be >= 16")
+        if self.batch_size < 1:
+            raise ValueError(f"patch.batch_size={self.batch_size} must be >= 1")
+        for name in ("foreground_fraction", "synthetic_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"patch.{name}={value} must be in [0, 1]")
+        if self.synthetic_pool_size < 1:
+            raise ValueError(f"patch.synthetic_pool_size={self.synthetic_pool_size} must be >= 1")
+        if self.synthetic_refresh_per_step < 0:
+            raise ValueError(
+                f"patch.synthetic_refresh_per_step={self.synthetic_refresh_per_step} must be >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random changes to each training patch; every `*_prob` is a per-patch probability in [0, 1]."""
+
+    flip_prob: float = 0.5  # mirror left-right, and (independently) top-bottom
+    rot90_prob: float = 0.5  # rotate by a random multiple of 90 degrees
+    rotate_prob: float = 0.3  # rotate by a small random angle as well
+    max_rotate_deg: float = 20.0  # largest small rotation (degrees, either way)
+    scale_prob: float = 0.3  # zoom in or out
+    scale_range: tuple[float, float] = (0.8, 1.25)  # zoom factor range (ratio; > 1 magnifies)
+    gamma_prob: float = 0.3  # gamma curve on the patch's own min..max range
+    gamma_range: tuple[float, float] = (0.7, 1.5)  # gamma exponent range
+    contrast_prob: float = 0.3  # scale intensities about the patch mean
+    contrast_range: tuple[float, float] = (0.75, 1.25)  # contrast factor range (ratio)
+    brightness_prob: float = 0.3  # shift intensities
+    brightness_std: float = 0.2  # brightness shift standard deviation (image std units)
+    noise_prob: float = 0.15  # additive Gaussian noise
+    noise_std_range: tuple[float, float] = (0.0, 0.1)  # noise standard deviation range (image std units)
+    blur_prob: float = 0.15  # Gaussian blur
+    blur_sigma_range: tuple[float, float] = (0.5, 1.0)  # blur sigma range (px)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "flip_prob",
+            "rot90_prob",
+            "rotate_prob",
+            "scale_prob",
+            "gamma_prob",
+            "contrast_prob",
+            "brightness_prob",
+            "noise_prob",
+            "blur_prob",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"augment.{name}={value} must be a probability in [0, 1]")
+        for name in ("scale_range", "gamma_range", "contrast_range", "noise_std_range", "blur_sigma_range"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high or (name != "noise_std_range" and low <= 0.0):
+                raise ValueError(f"augment.{name}=({low}, {high}) must be a range 0 < low <= high")
+        if self.max_rotate_deg < 0 or self.brightness_std < 0:
+            raise ValueError("augment.max_rotate_deg and augment.brightness_std must be >= 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss = dice_weight * soft Dice + bce_weight * BCE + cldice_weight * soft clDice (on sigmoid output)."""
+
+    dice_weight: float = 1.0  # soft Dice loss weight (batch-wise Dice, so patches without vessel still count)
+    bce_weight: float = 1.0  # binary cross-entropy weight
+    cldice_weight: float = 0.0  # soft clDice weight (MONAI SoftclDiceLoss); 0 turns it off
+    cldice_iters: int = 3  # soft-skeleton iterations of clDice (count; about the largest vessel radius, px)
+
+    def __post_init__(self) -> None:
+        weights = (self.dice_weight, self.bce_weight, self.cldice_weight)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"loss weights {weights} must be >= 0 and not all 0")
+        if self.cldice_iters < 1:
+            raise ValueError(f"loss.cldice_iters={self.cldice_iters} must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to zero."""
+
+    max_steps: int = 1000  # optimizer steps of one training (count)
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warm-up from 0 to lr (optimizer steps)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"optim.max_steps={self.max_steps} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be in 0..optim.max_steps")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Full-size prediction by sliding window, and the threshold that turns probabilities into a mask."""
+
+    window_size_px: int = 0  # sliding-window side (px); 0 = patch.patch_size_px (what the network saw)
+    overlap: float = 0.5  # overlap of neighbouring windows (fraction of the window)
+    window_batch_size: int = 8  # windows per forward pass (count)
+    blend: Literal["gaussian", "constant"] = "gaussian"  # how overlapping windows are averaged
+    threshold: float = 0.5  # probability above which a pixel is vessel, unless tuned
+    tune_threshold: bool = True  # pick the threshold that maximises Dice on the training shots (never test)
+
+    def __post_init__(self) -> None:
+        if self.window_size_px < 0:
+            raise ValueError(f"infer.window_size_px={self.window_size_px} must be >= 0")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"infer.overlap={self.overlap} must be in [0, 1)")
+        if self.window_batch_size < 1:
+            raise ValueError(f"infer.window_batch_size={self.window_batch_size} must be >= 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"infer.threshold={self.threshold} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """One segmenter training: network, patches, augmentation, loss, optimizer, inference."""
+
+    input: InputConfig = field(default_factory=InputConfig)  # image -> network input
+    net: NetConfig = field(default_factory=NetConfig)  # network family and size
+    patch: PatchConfig = field(default_factory=PatchConfig)  # training patches and batch mix
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # patch augmentation
+    loss: LossConfig = field(default_factory=LossConfig)  # loss terms and weights
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    infer: InferConfig = field(default_factory=InferConfig)  # sliding window and threshold
+    seed: int = 0  # seeds network init (same on every process) and patch sampling (seed + process index)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on a GPU with it, else no
+    log_every_steps: int = 50  # one log line every this many optimizer steps
+
+    def __post_init__(self) -> None:
+        multiple = self.net.size_multiple_px
+        if self.patch.patch_size_px % multiple:
+            raise ValueError(
+                f"patch.patch_size_px={self.patch.patch_size_px} must be a multiple of {multiple} for "
+                f"net.arch={self.net.arch} (num_levels={self.net.num_levels})"
+            )
+        if self.net.arch == "swin_unetr" and self.patch.patch_size_px < 64:
+            raise ValueError(
+                f"patch.patch_size_px={self.patch.patch_size_px} must be >= 64 for swin_unetr (its deepest "
+                "stage, at 1/32 of the patch, needs more than one pixel for instance norm)"
+            )
+        if self.infer.window_size_px % multiple:
+            raise ValueError(
+                f"infer.window_size_px={self.infer.window_size_px} must be a multiple of {multiple} for "
+                f"net.arch={self.net.arch}"
+            )
+        if self.log_every_steps < 1:
+            raise ValueError(f"log_every_steps={self.log_every_steps} must be >= 1")
+
+    @property
+    def window_size_px(self) -> int:
+        """Sliding-window side actually used (px)."""
+        return self.infer.window_size_px or self.patch.patch_size_px
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which real labelled cases a few-shot run trains on (finetune.split)."""
+
+    shots: int = 5  # labelled real cases drawn from the task's train split (count)
+    seed: int = 0  # seed of the draw; the draw is written to <run>/split.json once
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A few-shot fine-tuning run (`configs/finetune/*.yaml`)."""
+
+    split: SplitConfig = field(default_factory=SplitConfig)  # the few-shot draw
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)  # every segmenter the run trains
+
+
+def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Load a fine-tuning YAML plus dotted overrides; any bad value raises a ConfigError naming the file."""
+    try:
+        return load_config(FinetuneConfig, path, overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a field check in a __post_init__
+        raise ConfigError(f"{path}: {e}") from e

@@ -1,0 +1,575 @@
+"""The vessel segmenter: MONAI networks, the patch training loop (through accelerate), full-size
+sliding-window prediction, the threshold, and the model folder.
+
+    segmenter = train_segmenter(cfg, real_cases, synthetic=pairs, model_dir=run / "model")
+    prob_HW = segmenter.predict_proba(read_image(path))      # float32 [0, 1], the image's size
+    mask_HW = segmenter.predict(read_image(path))            # uint8 {0, 255}
+    segmenter = Segmenter.load(run / "model")
+
+`real_cases` are (image, mask, fov or None) as `data_engine.ingest.load_case` gives; `synthetic` is any
+iterable of (image, mask) pairs in the same uint8 conventions (a list, or a generator fed from shards).
+
+Model folder: `model.safetensors` (the network's state dict) and `config.json` (format tag, the
+`SegmenterConfig`, the threshold and how it was chosen, and a training record). Loading reads only these
+two files, with safetensors and json: nothing is unpickled.
+
+Legend: B batch of patches, 3 = RGB input channels, 1 = vessel logit / probability, P patch side,
+H x W image (px).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from accelerate import Accelerator
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceLoss, SoftclDiceLoss
+from monai.networks.nets import AttentionUnet, FlexibleUNet, SegResNet, SwinUNETR, UNet
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from finetune.config import LossConfig, NetConfig, SegmenterConfig
+from finetune.sampler import PatchPool, prepare_image, prepare_mask
+from univg.config import ConfigError, config_from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "univg-segmenter/1"  # written into config.json; loading refuses anything else
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+IN_CHANNELS = 3  # RGB, grey replicated (finetune.sampler.prepare_image)
+
+RealCase = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (image, mask, fov or None), load_case's form
+SyntheticPair = tuple[np.ndarray, np.ndarray]  # (image, mask)
+
+
+# --- networks ---
+
+
+def build_network(cfg: NetConfig) -> nn.Module:
+    """The network `cfg.arch` names: 3 input channels (RGB), 1 output channel (vessel logit), 2D."""
+    c = cfg.base_channels
+    channels = tuple(c * 2**i for i in range(cfg.num_levels))
+    strides = (2,) * (cfg.num_levels - 1)
+    if cfg.arch == "unet":
+        return UNet(
+            spatial_dims=2,
+            in_channels=IN_CHANNELS,
+            out_channels=1,
+            channels=channels,
+            strides=strides,
+            num_res_units=2,
+            norm=("instance", {"affine": True}),
+            dropout=cfg.dropout,
+        )
+    if cfg.arch == "attention_unet":
+        return AttentionUnet(
+            spatial_dims=2,
+            in_channels=IN_CHANNELS,
+            out_channels=1,
+            channels=channels,
+            strides=strides,
+            dropout=cfg.dropout,
+        )
+    if cfg.arch == "swin_unetr":
+        return SwinUNETR(
+            in_channels=IN_CHANNELS,
+            out_channels=1,
+            feature_size=c,
+            spatial_dims=2,
+            drop_rate=cfg.dropout,
+        )
+    if cfg.arch == "resnet_unet":
+        return FlexibleUNet(
+            in_channels=IN_CHANNELS,
+            out_channels=1,
+            backbone=cfg.backbone,
+            pretrained=False,  # random init: no download, and ImageNet weights need not suit vessels
+            decoder_channels=(16 * c, 8 * c, 4 * c, 2 * c, c),
+            spatial_dims=2,
+            dropout=cfg.dropout,
+        )
+    if cfg.arch == "segresnet":
+        # blocks_down has num_levels entries; SegResNet halves the resolution between them
+        blocks_down = (1, 2, 2, 4, 4, 4)[: cfg.num_levels]
+        return SegResNet(
+            spatial_dims=2,
+            init_filters=c,
+            in_channels=IN_CHANNELS,
+            out_channels=1,
+            dropout_prob=cfg.dropout or None,
+            blocks_down=blocks_down,
+            blocks_up=(1,) * (cfg.num_levels - 1),
+        )
+    raise ValueError(
+        f"net.arch={cfg.arch!r} is not a known network"
+    )  # Literal-typed: config rejects it first
+
+
+class SegmentationLoss(nn.Module):
+    """dice_weight * soft Dice + bce_weight * BCE + cldice_weight * soft clDice, from logits.
+
+    Dice is computed over the whole batch as one volume (MONAI `batch=True`): a patch without vessel then
+    does not add a constant penalty, which matters with sparse targets.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dice = DiceLoss(sigmoid=True, batch=True)
+        self.bce = nn.BCEWithLogitsLoss()
+        self.cldice = SoftclDiceLoss(iter_=cfg.cldice_iters, sigmoid=True) if cfg.cldice_weight > 0 else None
+
+    def forward(self, logits_B1PP: torch.Tensor, target_B1PP: torch.Tensor) -> torch.Tensor:
+        logits_B1PP = logits_B1PP.float()
+        loss = self.cfg.dice_weight * self.dice(logits_B1PP, target_B1PP)
+        loss = loss + self.cfg.bce_weight * self.bce(logits_B1PP, target_B1PP)
+        if self.cldice is not None:
+            loss = loss + self.cfg.cldice_weight * self.cldice(logits_B1PP, target_B1PP)
+        return loss
+
+
+# --- the trained model ---
+
+
+@dataclass
+class Segmenter:
+    """A trained network with its config and threshold; predicts full-size probability maps and masks."""
+
+    network: nn.Module
+    cfg: SegmenterConfig
+    threshold: float = 0.5  # probability above which a pixel is vessel
+    record: dict[str, Any] = field(default_factory=dict)  # how it was trained (steps, loss, threshold source)
+    mixed_precision: str = "no"  # autocast dtype used for inference on GPU: "no", "fp16" or "bf16"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxW grey or HxWx3 BGR -> float32 HxW vessel probability (sliding window at full size)."""
+        input_3HW = prepare_image(image, self.cfg.input.max_side_px)
+        x_13HW = torch.from_numpy(input_3HW)[None].to(self.device)
+        window = self.cfg.window_size_px
+        self.network.eval()
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=dtype,
+                enabled=dtype is not None and self.device.type == "cuda",
+            ),
+        ):
+            logits_11HW = sliding_window_inference(
+                x_13HW,
+                roi_size=(window, window),
+                sw_batch_size=self.cfg.infer.window_batch_size,
+                predictor=self.network,
+                overlap=self.cfg.infer.overlap,
+                mode=self.cfg.infer.blend,
+                padding_mode="constant",
+                cval=0.0,  # the normalised image mean, as training patches are padded
+            )
+        assert isinstance(logits_11HW, torch.Tensor)
+        prob_HW = torch.sigmoid(logits_11HW.float())[0, 0].cpu().numpy()
+        if prob_HW.shape != image.shape[:2]:
+            prob_HW = cv2.resize(prob_HW, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return np.clip(prob_HW, 0.0, 1.0).astype(np.float32)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxW grey or HxWx3 BGR -> uint8 HxW {0, 255} mask at this segmenter's threshold."""
+        return np.where(self.predict_proba(image) > self.threshold, np.uint8(255), np.uint8(0))
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write model.safetensors and config.json into model_dir (created); returns model_dir."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.network.state_dict().items()}
+        save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        meta = {
+            "format": MODEL_FORMAT,
+            "threshold": self.threshold,
+            "in_channels": IN_CHANNELS,
+            "segmenter": to_dict(self.cfg),
+            "record": self.record,
+        }
+        (model_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return model_dir
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device | None = None) -> Segmenter:
+        """Load a model folder written by `save` (or a run folder holding `model/`)."""
+        model_dir = Path(model_dir)
+        if not (model_dir / CONFIG_FILE).is_file() and (model_dir / "model" / CONFIG_FILE).is_file():
+            model_dir = model_dir / "model"
+        config_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found: a segmenter folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                    "(pass the run folder or its model/ folder)"
+                )
+        try:
+            meta = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise ValueError(
+                f"{config_path}: format {meta.get('format') if isinstance(meta, dict) else None!r} "
+                f"is not {MODEL_FORMAT!r}; not a univg segmenter folder"
+            )
+        try:
+            cfg = config_from_dict(SegmenterConfig, meta["segmenter"])
+        except (ConfigError, ValueError, KeyError) as e:
+            raise ValueError(f"{config_path}: segmenter config does not parse: {e}") from e
+        network = build_network(cfg.net)
+        state = load_file(str(weights_path))
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_path}: weights do not fit net {to_dict(cfg.net)}: {e}") from e
+        device = torch.device(device) if device is not None else default_device()
+        network.to(device).eval()
+        mixed = _resolve_mixed_precision(cfg.mixed_precision) if device.type == "cuda" else "no"
+        threshold = float(meta.get("threshold", cfg.infer.threshold))
+        return cls(network, cfg, threshold, dict(meta.get("record", {})), mixed)
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# --- threshold ---
+
+# Candidate thresholds (probability); 0.05 steps are finer than the threshold's effect on Dice varies.
+THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def choose_threshold(
+    probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], fovs: Sequence[np.ndarray | None]
+) -> tuple[float, float]:
+    """(threshold, Dice) maximising Dice pooled over the given cases' pixels (inside each FOV).
+
+    Ties go to the threshold nearest 0.5. Meant for the training shots only: choosing it on test labels
+    would leak them into the score.
+    """
+    edges = np.array(THRESHOLDS)
+    tp = np.zeros(len(edges))
+    pred_pos = np.zeros(len(edges))
+    label_pos = 0.0
+    for prob, label, fov in zip(probs, labels, fovs, strict=True):
+        inside = np.ones(label.shape, bool) if fov is None else fov > 0
+        p = prob[inside]
+        y = label[inside] > 0
+        # prediction at threshold t is p > t; counts for every t from the sorted probabilities
+        p_sorted = np.sort(p)
+        p_pos_sorted = np.sort(p[y])
+        pred_pos += p.size - np.searchsorted(p_sorted, edges, side="right")
+        tp += p_pos_sorted.size - np.searchsorted(p_pos_sorted, edges, side="right")
+        label_pos += float(y.sum())
+    denominator = pred_pos + label_pos
+    dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
+    best = float(dice.max())
+    candidates = [i for i in range(len(edges)) if dice[i] >= best - 1e-12]
+    i = min(candidates, key=lambda j: abs(edges[j] - 0.5))
+    return float(edges[i]), float(dice[i])
+
+
+# --- training ---
+
+
+def _lr_at(step: int, cfg: SegmenterConfig) -> float:
+    """Linear warm-up to optim.lr over warmup_steps, then cosine decay to 0 at max_steps."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+    return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _check_real_case(i: int, case: RealCase) -> None:
+    if not isinstance(case, tuple | list) or len(case) != 3:
+        raise ValueError(f"real case {i}: expected (image, mask, fov or None), got {type(case).__name__}")
+    image, mask, fov = case
+    if not isinstance(mask, np.ndarray) or mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"real case {i}: mask shape {getattr(mask, 'shape', None)} does not match image {image.shape[:2]}"
+        )
+    if fov is not None and fov.shape != mask.shape:
+        raise ValueError(f"real case {i}: fov shape {fov.shape} does not match mask {mask.shape}")
+
+
+class _SyntheticFeed:
+    """Pulls synthetic pairs into a ring pool; a re-iterable source (a list) larger than the pool is
+    cycled, a one-shot iterator is read until it ends and the pool then keeps what it holds."""
+
+    def __init__(self, source: Iterable[SyntheticPair], pool: PatchPool, max_side_px: int) -> None:
+        self.source = source
+        self.pool = pool
+        self.max_side_px = max_side_px
+        self.iterator: Iterator[SyntheticPair] | None = iter(source)
+        self.cyclic = self.iterator is not source
+        self.pulled_this_pass = 0
+
+    def pull(self, count: int) -> int:
+        added = 0
+        while added < count and self.iterator is not None:
+            try:
+                pair = next(self.iterator)
+            except StopIteration:
+                # restart only a re-iterable source the pool cannot hold at once (else it is all in already)
+                big = self.pool.max_cases is not None and self.pulled_this_pass > self.pool.max_cases
+                self.iterator = iter(self.source) if (self.cyclic and big) else None
+                self.pulled_this_pass = 0
+                continue
+            self._add(pair)
+            added += 1
+        return added
+
+    def _add(self, pair: SyntheticPair) -> None:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(
+                f"synthetic pair {self.pool.num_added}: expected (image, mask), got {type(pair).__name__}"
+            )
+        image, mask = pair
+        if (
+            not isinstance(image, np.ndarray)
+            or not isinstance(mask, np.ndarray)
+            or mask.shape != image.shape[:2]
+        ):
+            raise ValueError(
+                f"synthetic pair {self.pool.num_added}: image {getattr(image, 'shape', None)} and mask "
+                f"{getattr(mask, 'shape', None)} must be arrays of the same height and width"
+            )
+        input_3HW = prepare_image(image, self.max_side_px)
+        self.pool.add(input_3HW, prepare_mask(mask, *input_3HW.shape[1:]))
+        self.pulled_this_pass += 1
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak_kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def train_segmenter(
+    cfg: SegmenterConfig,
+    real_cases: Sequence[RealCase],
+    synthetic: Iterable[SyntheticPair] | None = None,
+    model_dir: str | Path | None = None,
+    progress: bool = True,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> Segmenter:
+    """Train one segmenter on real cases and (optionally) synthetic pairs; save it to model_dir if given.
+
+    Each batch holds round(batch_size * synthetic_fraction) synthetic patches when synthetic pairs are
+    given (all of them when there are no real cases), the rest real. The threshold is then tuned on the
+    real training cases (infer.tune_threshold). Runs on whatever `accelerate` sets up: CPU, one GPU, or
+    several processes under `accelerate launch` (batch_size is per process).
+    """
+    if not real_cases and synthetic is None:
+        raise ValueError("train_segmenter: no training data (no real cases and no synthetic pairs)")
+    for i, case in enumerate(real_cases):
+        _check_real_case(i, case)
+    started = time.perf_counter()
+    mixed = _resolve_mixed_precision(cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed)
+    main = accelerator.is_main_process
+
+    # real cases -> pool once; synthetic pairs stream through a ring pool
+    real_pool = PatchPool()
+    for image, mask, _fov in real_cases:
+        input_3HW = prepare_image(image, cfg.input.max_side_px)
+        real_pool.add(input_3HW, prepare_mask(mask, *input_3HW.shape[1:]))
+    synthetic_pool = PatchPool(max_cases=cfg.patch.synthetic_pool_size)
+    feed = None
+    if synthetic is not None:
+        feed = _SyntheticFeed(synthetic, synthetic_pool, cfg.input.max_side_px)
+        feed.pull(cfg.patch.synthetic_pool_size)
+        if len(synthetic_pool) == 0 and len(real_pool) == 0:
+            raise ValueError(
+                "train_segmenter: the synthetic source gave no pairs and there are no real cases"
+            )
+    batch = cfg.patch.batch_size
+    num_synthetic = 0
+    if len(synthetic_pool):
+        num_synthetic = batch if len(real_pool) == 0 else round(batch * cfg.patch.synthetic_fraction)
+    num_real = batch - num_synthetic
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    network = build_network(cfg.net)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    network, optimizer = accelerator.prepare(network, optimizer)
+    loss_fn = SegmentationLoss(cfg.loss)
+    rng = np.random.default_rng([cfg.seed, accelerator.process_index])  # patches differ per process
+    num_params = sum(p.numel() for p in network.parameters())
+    if main:
+        log.info(
+            "segmenter %s: %.2fM parameters | %d real cases, %d synthetic in pool | patch %d px | "
+            "batch %d per process (%d real + %d synthetic) x %d processes = %d | %d steps | %s | "
+            "mixed precision %s",
+            cfg.net.arch,
+            num_params / 1e6,
+            len(real_pool),
+            len(synthetic_pool),
+            cfg.patch.patch_size_px,
+            batch,
+            num_real,
+            num_synthetic,
+            accelerator.num_processes,
+            batch * accelerator.num_processes,
+            cfg.optim.max_steps,
+            accelerator.device,
+            mixed,
+        )
+
+    history: list[dict[str, float]] = []
+    step = 0
+    interval_losses: list[float] = []
+    interval_start = time.perf_counter()
+    network.train()
+    bar = tqdm(
+        total=cfg.optim.max_steps,
+        desc=f"train {cfg.net.arch}",
+        disable=not (progress and main),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    with logging_redirect_tqdm():
+        while step < cfg.optim.max_steps:
+            # data: real and synthetic patches, mixed in one batch
+            parts = []
+            if num_real:
+                parts.append(
+                    real_pool.sample(
+                        rng, num_real, cfg.patch.patch_size_px, cfg.patch.foreground_fraction, cfg.augment
+                    )
+                )
+            if num_synthetic:
+                if feed is not None:
+                    feed.pull(cfg.patch.synthetic_refresh_per_step)
+                parts.append(
+                    synthetic_pool.sample(
+                        rng,
+                        num_synthetic,
+                        cfg.patch.patch_size_px,
+                        cfg.patch.foreground_fraction,
+                        cfg.augment,
+                    )
+                )
+            image_B3PP = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(accelerator.device)
+            mask_B1PP = torch.from_numpy(np.concatenate([p[1] for p in parts])).to(accelerator.device)
+
+            lr = _lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits_B1PP = network(image_B3PP)
+            loss = loss_fn(logits_B1PP, mask_B1PP)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"non-finite loss {loss.item()} at step {step}: stopping (lower optim.lr?)"
+                )
+            accelerator.backward(loss)
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            gnorm = float(accelerator.clip_grad_norm_(network.parameters(), max_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            interval_losses.append(float(loss.detach()))
+            if step % cfg.log_every_steps == 0 or step == cfg.optim.max_steps:
+                elapsed = time.perf_counter() - interval_start
+                ms_per_step = 1000 * elapsed / len(interval_losses)
+                entry = {
+                    "step": step,
+                    "loss": float(np.mean(interval_losses)),
+                    "lr": lr,
+                    "gnorm": gnorm,
+                    "ms_per_step": ms_per_step,
+                    "patches_per_s": batch * accelerator.num_processes * 1000 / ms_per_step,
+                }
+                history.append(entry)
+                if main:
+                    log.info(
+                        "step %06d/%06d | loss %.4f | lr %.1e | gnorm %.2f | %.0f ms/step | %.0f img/s | "
+                        "mem %.1f GiB",
+                        step,
+                        cfg.optim.max_steps,
+                        entry["loss"],
+                        lr,
+                        gnorm,
+                        ms_per_step,
+                        entry["patches_per_s"],
+                        _memory_gib(accelerator.device),
+                    )
+                if on_log is not None:
+                    on_log(entry)
+                interval_losses = []
+                interval_start = time.perf_counter()
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(network)
+    trained.eval()
+    segmenter = Segmenter(trained, cfg, cfg.infer.threshold, mixed_precision=mixed)
+    threshold_source = "config"
+    train_dice = None
+    if cfg.infer.tune_threshold and real_cases:
+        probs = [segmenter.predict_proba(image) for image, _mask, _fov in real_cases]
+        segmenter.threshold, train_dice = choose_threshold(
+            probs, [mask for _i, mask, _f in real_cases], [fov for _i, _m, fov in real_cases]
+        )
+        threshold_source = "training shots (max Dice)"
+    segmenter.record = {
+        "steps": step,
+        "num_real_cases": len(real_pool),
+        "num_synthetic_pairs_seen": synthetic_pool.num_added,
+        "batch_real_synthetic": [num_real, num_synthetic],
+        "num_processes": accelerator.num_processes,
+        "num_parameters": num_params,
+        "final_loss": history[-1]["loss"],
+        "threshold_source": threshold_source,
+        "train_dice_at_threshold": train_dice,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "history": history,
+    }
+    if main:
+        log.info(
+            "segmenter %s trained: %d steps in %.0f s | final loss %.4f | threshold %.2f (%s)",
+            cfg.net.arch,
+            step,
+            segmenter.record["wall_s"],
+            history[-1]["loss"],
+            segmenter.threshold,
+            threshold_source,
+        )
+        if model_dir is not None:
+            segmenter.save(model_dir)
+    accelerator.wait_for_everyone()
+    return segmenter

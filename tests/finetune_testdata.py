@@ -1,0 +1,59 @@
+"""Tiny on-disk tasks for the finetune tests: synthetic vessel images with masks and a manifest CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def vessel_pair(
+    rng: np.random.Generator, height: int, width: int, colour: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A dark image with a few bright lines (the vessels) and noise; mask uint8 {0, 255}."""
+    mask = np.zeros((height, width), np.uint8)
+    for _ in range(3):
+        p0 = (int(rng.integers(width)), int(rng.integers(height)))
+        p1 = (int(rng.integers(width)), int(rng.integers(height)))
+        cv2.line(mask, p0, p1, 255, thickness=int(rng.integers(1, 4)))
+    if not mask.any():
+        mask[height // 2, :] = 255
+    base = rng.normal(60, 12, (height, width)).clip(0, 255)
+    grey = np.where(mask > 0, 170.0, base).astype(np.uint8)
+    if not colour:
+        return grey, mask
+    image = np.stack([grey // 3, grey, (grey // 2 + 20).astype(np.uint8)], axis=2).astype(np.uint8)
+    return image, mask
+
+
+def write_task(
+    root: Path,
+    splits: list[str],
+    size: tuple[int, int] = (40, 48),
+    colour: bool = False,
+    with_fov: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write `case_<i>` images/masks (and fovs) under root with one manifest row per split entry; returns
+    the CSV path."""
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks", "fov"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rows = ["image,mask,fov,split"]
+    for i, split in enumerate(splits):
+        image, mask = vessel_pair(rng, size[0], size[1], colour)
+        cv2.imwrite(str(root / "images" / f"case_{i:02d}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"case_{i:02d}_gt.png"), mask)
+        fov = ""
+        if with_fov:
+            disc = np.zeros(size, np.uint8)
+            cv2.ellipse(disc, (size[1] // 2, size[0] // 2), (size[1] // 2, size[0] // 2), 0, 0, 360, 255, -1)
+            cv2.imwrite(str(root / "fov" / f"case_{i:02d}.png"), disc)
+            fov = f"fov/case_{i:02d}.png"
+        rows.append(f"images/case_{i:02d}.png,masks/case_{i:02d}_gt.png,{fov},{split}")
+    csv = root / "pairs.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv

@@ -1,0 +1,251 @@
+"""finetune.sampler and finetune.segmenter: network input, patch sampling (foreground oversampling, exact
+geometry), tiny trainings of every architecture, save/load, the threshold, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from finetune_testdata import vessel_pair
+
+from finetune.config import (
+    ARCHITECTURES,
+    AugmentConfig,
+    InputConfig,
+    NetConfig,
+    OptimConfig,
+    PatchConfig,
+    SegmenterConfig,
+)
+from finetune.sampler import PatchPool, prepare_image, prepare_mask
+from finetune.segmenter import Segmenter, build_network, choose_threshold, train_segmenter
+
+NO_AUGMENT = AugmentConfig(
+    flip_prob=0, rot90_prob=0, rotate_prob=0, scale_prob=0, gamma_prob=0, contrast_prob=0,
+    brightness_prob=0, noise_prob=0, blur_prob=0,
+)  # fmt: skip
+
+
+def tiny_config(arch: str = "unet", steps: int = 3, **patch: float) -> SegmenterConfig:
+    swin = arch == "swin_unetr"
+    return SegmenterConfig(
+        net=NetConfig(arch=arch, base_channels=12 if swin else 8, num_levels=3, backbone="resnet10"),  # type: ignore[arg-type]
+        patch=PatchConfig(patch_size_px=64 if swin else 32, batch_size=4, **patch),  # type: ignore[arg-type]
+        optim=OptimConfig(max_steps=steps, warmup_steps=1, lr=1e-3),
+        log_every_steps=2,
+    )
+
+
+def real_cases(num: int, seed: int = 0, colour: bool = True) -> list[tuple[np.ndarray, np.ndarray, None]]:
+    rng = np.random.default_rng(seed)
+    return [(*vessel_pair(rng, 45 + 7 * i, 52, colour), None) for i in range(num)]
+
+
+# --- network input ---
+
+
+def test_prepare_image_channels_and_normalisation() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    x = prepare_image(grey)
+    assert x.shape == (3, 20, 30) and x.dtype == np.float32
+    assert np.array_equal(x[0], x[1]) and np.array_equal(x[0], x[2])  # grey replicated
+    assert abs(float(x[0].mean())) < 1e-4 and abs(float(x[0].std()) - 1) < 1e-3
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[:, :4, 2] = 200  # red in the left half (BGR order in, RGB out)
+    y = prepare_image(bgr)
+    assert y[0, 0, 0] > 0 > y[0, 0, 7]  # channel 0 is red
+    assert not y[1].any() and not y[2].any()  # constant channels become 0
+    assert prepare_image(grey, max_side_px=15).shape == (3, 10, 15)
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_image(grey.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        prepare_image(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_prepare_mask_keeps_thin_vessels_when_resized() -> None:
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:, 19:21] = 255  # 2 px wide, half a pixel after halving... rounded to 1 px
+    small = prepare_mask(mask, 20, 20)
+    assert small.shape == (20, 20) and set(np.unique(small)) == {0, 1}
+    assert small[:, 9:11].any(axis=1).all()  # the vessel survives along its length
+
+
+# --- patch sampling ---
+
+
+def test_patch_without_augmentation_is_an_exact_crop() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 50, 60)).astype(np.float32)
+    mask = np.zeros((50, 60), np.uint8)
+    mask[25, 30] = 1  # one vessel pixel, far enough from the border that no clamping happens
+    pool = PatchPool()
+    pool.add(image, mask)
+    patches, masks = pool.sample(rng, 3, patch_size_px=16, foreground_fraction=1.0, augment=None)
+    for n in range(3):
+        assert np.array_equal(patches[n], image[:, 17:33, 22:38])  # centred: 25 - 8 .. 25 + 8
+        assert masks[n, 0, 8, 8] == 1 and masks[n].sum() == 1
+
+
+def test_geometric_augmentation_keeps_image_and_mask_aligned() -> None:
+    rng = np.random.default_rng(1)
+    _, mask = vessel_pair(rng, 64, 64, colour=False)
+    image = np.repeat((mask > 0).astype(np.float32)[None], 3, axis=0)  # the image is its own label
+    pool = PatchPool()
+    pool.add(image, mask)
+    exact = AugmentConfig(rotate_prob=0, scale_prob=0, gamma_prob=0, contrast_prob=0, brightness_prob=0,
+                          noise_prob=0, blur_prob=0, flip_prob=0.5, rot90_prob=1.0)  # fmt: skip
+    patches, masks = pool.sample(rng, 16, 32, 0.5, exact)
+    assert np.array_equal(patches[:, :1] > 0.5, masks > 0.5)  # mirrors and rot90 are exact
+    smooth = AugmentConfig(rotate_prob=1.0, scale_prob=1.0, gamma_prob=0, contrast_prob=0, brightness_prob=0,
+                           noise_prob=0, blur_prob=0)  # fmt: skip
+    patches, masks = pool.sample(rng, 16, 32, 0.5, smooth)
+    agreement = float(((patches[:, :1] >= 0.5) == (masks > 0.5)).mean())
+    assert agreement == 1.0  # same warp, same interpolation, same threshold
+
+
+def test_foreground_oversampling_raises_the_vessel_share_of_patches() -> None:
+    # one short thin artery in a large image: uniform patches rarely see it
+    mask = np.zeros((256, 256), np.uint8)
+    mask[100:140, 60:62] = 1
+    image = np.zeros((3, 256, 256), np.float32)
+    pool = PatchPool()
+    pool.add(image, mask)
+
+    def measure(fraction: float) -> tuple[float, float]:
+        rng = np.random.default_rng(0)
+        _, masks = pool.sample(rng, 400, 32, fraction, AugmentConfig())
+        return float((masks.reshape(400, -1).max(axis=1) > 0).mean()), float(masks.mean())
+
+    uniform_hits, uniform_pixels = measure(0.0)
+    over_hits, over_pixels = measure(0.5)
+    always_hits, _ = measure(1.0)
+    assert uniform_hits < 0.15  # the artery's neighbourhood is ~4% of the image
+    assert over_hits > uniform_hits + 0.3
+    assert over_pixels > 3 * uniform_pixels
+    assert always_hits > 0.95  # centred on a vessel pixel; rotation/zoom keep the centre
+
+
+def test_ring_pool_replaces_the_oldest_case() -> None:
+    pool = PatchPool(max_cases=2)
+    for value in (1.0, 2.0, 3.0):
+        pool.add(np.full((3, 8, 8), value, np.float32), np.ones((8, 8), np.uint8))
+    assert len(pool) == 2 and pool.num_added == 3
+    patches, _ = pool.sample(np.random.default_rng(0), 20, 8, 0.0)
+    assert set(np.unique(patches)) == {2.0, 3.0}
+    with pytest.raises(ValueError, match="no cases"):
+        PatchPool().sample(np.random.default_rng(0), 1, 8, 0.0)
+
+
+# --- training, prediction, save / load ---
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tiny_training_each_architecture_round_trips(arch: str, tmp_path: Path) -> None:
+    cfg = tiny_config(arch)
+    cases = real_cases(2)
+    synthetic = [vessel_pair(np.random.default_rng(9), 40, 40, colour=False)]
+    seg = train_segmenter(cfg, cases, synthetic=synthetic, model_dir=tmp_path / "model", progress=False)
+    assert math.isfinite(seg.record["final_loss"]) and seg.record["steps"] == 3
+    assert seg.record["batch_real_synthetic"] == [2, 2]
+    image = cases[1][0]  # 52 px high, 52 wide: not a multiple of the window
+    prob = seg.predict_proba(image)
+    assert prob.shape == image.shape[:2] and prob.dtype == np.float32
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    small = cases[0][0][:20, :25]  # smaller than the window: padded, then cropped back
+    assert seg.predict_proba(small).shape == (20, 25)
+    loaded = Segmenter.load(tmp_path / "model", device="cpu")
+    assert loaded.threshold == seg.threshold and loaded.cfg == cfg
+    assert np.array_equal(loaded.predict_proba(image), prob)
+    assert np.array_equal(loaded.predict(image), seg.predict(image))
+    assert set(np.unique(seg.predict(image))) <= {0, 255}
+    meta = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert meta["format"] == "univg-segmenter/1" and meta["segmenter"]["net"]["arch"] == arch
+
+
+def test_training_is_seeded_and_learns_on_an_easy_task() -> None:
+    cfg = tiny_config("unet", steps=40)
+    cases = real_cases(2, colour=False)
+    a = train_segmenter(cfg, cases, progress=False)
+    b = train_segmenter(cfg, cases, progress=False)
+    assert [h["loss"] for h in a.record["history"]] == [h["loss"] for h in b.record["history"]]
+    for pa, pb in zip(a.network.parameters(), b.network.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    first, last = a.record["history"][0]["loss"], a.record["history"][-1]["loss"]
+    assert last < first  # bright lines on a dark background: the loss must go down in 40 steps
+    assert a.record["threshold_source"].startswith("training shots")
+    assert a.record["train_dice_at_threshold"] is not None
+
+
+def test_synthetic_only_and_streamed_synthetic_pairs() -> None:
+    rng = np.random.default_rng(3)
+
+    def stream():  # a one-shot generator, as a shard reader would give
+        for _ in range(5):
+            yield vessel_pair(rng, 40, 44, colour=True)
+
+    cfg = tiny_config("unet", steps=4, synthetic_pool_size=3, synthetic_refresh_per_step=1)
+    seg = train_segmenter(cfg, [], synthetic=stream(), progress=False)
+    assert seg.record["batch_real_synthetic"] == [0, 4]
+    assert seg.record["num_synthetic_pairs_seen"] == 5  # 3 to fill the pool, then 2 more before it ran dry
+    assert seg.record["threshold_source"] == "config" and seg.threshold == 0.5
+    # a list larger than the pool is cycled
+    pairs = [vessel_pair(rng, 30, 30, colour=False) for _ in range(4)]
+    seg = train_segmenter(cfg, real_cases(1), synthetic=pairs, progress=False)
+    assert seg.record["num_synthetic_pairs_seen"] == 3 + 4
+
+
+def test_choose_threshold_by_hand() -> None:
+    # label 1 on the left pixels; probabilities 0.3 and 0.7 on vessel, 0.2 and 0.6 on background
+    prob = np.array([[0.3, 0.2], [0.7, 0.6]])
+    label = np.array([[1, 0], [1, 0]])
+    # t < 0.2: all positive, Dice 2*2/(4+2)=0.67; 0.2..0.3: Dice 2*2/(3+2)=0.8; 0.3..0.6: 2*1/(2+2)=0.5;
+    # 0.6..0.7: 2*1/(1+2)=0.67; above 0.7: 0 (a pixel is vessel when p > t). Best: 0.2 <= t < 0.3, so
+    # candidates 0.2 and 0.25, and 0.25 is nearer 0.5
+    t, dice = choose_threshold([prob], [label], [None])
+    assert t == pytest.approx(0.25) and dice == pytest.approx(0.8)
+    fov = np.array([[0, 1], [1, 1]])  # hides the 0.3 vessel pixel: 0.6 <= t < 0.7 is now perfect
+    t, dice = choose_threshold([prob], [label], [fov])
+    assert t == pytest.approx(0.6) and dice == pytest.approx(1.0)
+
+
+def test_bad_input_is_reported() -> None:
+    image, mask, _ = real_cases(1)[0]
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="does not match image"):
+        train_segmenter(cfg, [(image, mask[:-1], None)], progress=False)
+    with pytest.raises(ValueError, match="no training data"):
+        train_segmenter(cfg, [], progress=False)
+    with pytest.raises(ValueError, match="same height and width"):
+        train_segmenter(cfg, [], synthetic=[(image, mask[:, :-1])], progress=False)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SegmenterConfig(net=NetConfig(num_levels=3), patch=PatchConfig(patch_size_px=30))
+    with pytest.raises(ValueError, match="multiple of 12"):
+        NetConfig(arch="swin_unetr", base_channels=16)
+    with pytest.raises(ValueError, match=">= 64 for swin_unetr"):
+        SegmenterConfig(
+            net=NetConfig(arch="swin_unetr", base_channels=12), patch=PatchConfig(patch_size_px=32)
+        )
+    with pytest.raises(ValueError, match="max_side_px"):
+        InputConfig(max_side_px=-1)
+
+
+def test_load_refuses_what_is_not_a_segmenter(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Segmenter.load(tmp_path)
+    seg = Segmenter(build_network(NetConfig(base_channels=8, num_levels=3)), tiny_config())
+    seg.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["format"] = "something-else"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a univg segmenter"):
+        Segmenter.load(tmp_path / "m")
+    meta["format"] = "univg-segmenter/1"
+    meta["segmenter"]["net"]["base_channels"] = 16  # weights no longer fit
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit"):
+        Segmenter.load(tmp_path / "m")

@@ -66,11 +66,17 @@ class EngineConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown:
-            raise ValueError(f"engine.modalities: unknown modality {unknown[0]!r}; built in: {list(MODALITIES)}")
-        if not self.modalities or any(w < 0 for w in self.modalities.values()) or not sum(
-            self.modalities.values()
+            raise ValueError(
+                f"engine.modalities: unknown modality {unknown[0]!r}; built in: {list(MODALITIES)}"
+            )
+        if (
+            not self.modalities
+            or any(w < 0 for w in self.modalities.values())
+            or not sum(self.modalities.values())
         ):
-            raise ValueError(f"engine.modalities={self.modalities} needs non-negative shares with a positive sum")
+            raise ValueError(
+                f"engine.modalities={self.modalities} needs non-negative shares with a positive sum"
+            )
         if self.image_size_px < 32 or self.image_size_px % 8:
             raise ValueError(f"engine.image_size_px={self.image_size_px} must be a multiple of 8 and >= 32")
         shares = (self.sources.procedural, self.sources.recombined, self.sources.regrowth)
@@ -92,7 +98,9 @@ class Sample:
         if self.mask.dtype != np.uint8 or self.mask.ndim != 2:
             raise ValueError(f"mask must be HxW uint8, got {self.mask.dtype} {self.mask.shape}")
         if self.image.dtype != np.uint8 or self.image.shape[:2] != (h, w) or self.image.ndim not in (2, 3):
-            raise ValueError(f"image must be uint8 {h}x{w} or {h}x{w}x3, got {self.image.dtype} {self.image.shape}")
+            raise ValueError(
+                f"image must be uint8 {h}x{w} or {h}x{w}x3, got {self.image.dtype} {self.image.shape}"
+            )
         if self.fov is not None and (self.fov.shape != (h, w) or self.fov.dtype != np.uint8):
             raise ValueError(f"fov must be uint8 {h}x{w}, got {self.fov.dtype} {self.fov.shape}")
 

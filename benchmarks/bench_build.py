@@ -1,0 +1,172 @@
+"""Shard build throughput beside its floor: the time to only PNG-encode the same images and masks.
+
+    python benchmarks/bench_build.py --num-samples 300 --workers 2
+
+Builds `--num-samples` pairs of configs/corpus/univg58k.yaml (512 px, the real modality and source mix)
+with the real `build_corpus`, then, in this same run and on the very samples it built (decoded back from
+the shards), times encoding alone with the same number of processes (and with one): the floor a build
+cannot beat. Also prints the worker time split (make / encode / write), peak RSS per worker, and bytes vs
+encode time for PNG levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shards.build import build_corpus, format_bytes  # noqa: E402
+from shards.config import load_corpus_config  # noqa: E402
+from shards.inspect import iter_corpus  # noqa: E402
+from shards.manifest import load_manifest  # noqa: E402
+from shards.schema import decode_sample, encode_sample, iter_samples_bytes  # noqa: E402
+
+
+def _init_floor(barrier: Any) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+    cv2.setNumThreads(1)
+
+
+_BARRIER: Any = None
+
+
+def _encode_share(args: tuple[Path, list[str], int]) -> tuple[int, float]:
+    """Decode some shards (untimed), wait for the other processes, then time encoding their samples."""
+    folder, names, level = args
+    samples = [
+        decode_sample(key, members)
+        for name in names
+        for key, members in iter_samples_bytes((folder / name).read_bytes(), name)
+    ]
+    _BARRIER.wait()
+    t0 = time.perf_counter()
+    for sample in samples:
+        encode_sample(sample, level)
+    return len(samples), time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/corpus/univg58k.yaml"))
+    parser.add_argument("--num-samples", type=int, default=300, help="pairs to build")
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=50, help="pairs per shard (small: spreads work)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="build worker processes")
+    parser.add_argument(
+        "--levels", default="0,1,3,6,9", help="PNG levels for the bytes/time table ('' skips)"
+    )
+    parser.add_argument("--out", default=None, help="corpus folder to build into (default: a temp folder)")
+    args = parser.parse_args()
+
+    cfg = load_corpus_config(
+        args.config,
+        [
+            f"name=bench{args.num_samples}",
+            f"num_samples={args.num_samples}",
+            f"samples_per_shard={args.samples_per_shard}",
+        ],
+    )
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_build_"))
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), Path.cwd())
+    print(f"command: python {shlex.join([script, *sys.argv[1:]])}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, OpenCV {cv2.__version__}; date {datetime.date.today()}"
+    )
+    print(
+        f"corpus: {cfg.num_samples} pairs at {cfg.engine.image_size_px} px, "
+        f"png level {cfg.png_compression}, {out}"
+    )
+
+    result = build_corpus(cfg, out, num_workers=args.workers, overwrite=True, progress=False)
+    build_rate = result.num_samples_built / result.build_s
+    stage_total = sum(result.stage_s.values())
+    make_s = result.stage_s["make"] / result.num_samples_built
+    own_s = (result.stage_s["encode"] + result.stage_s["write"]) / result.num_samples_built
+
+    # The floor, on the very samples just built (decoded back from the shards): encoding only, first with
+    # as many processes as the build had workers (same parallelism, started together), then with one.
+    manifest = load_manifest(out)
+    names = [r.name for r in manifest.shards]
+    shares = [(out, names[i :: result.num_workers], cfg.png_compression) for i in range(result.num_workers)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(
+        result.num_workers, initializer=_init_floor, initargs=(ctx.Barrier(result.num_workers),)
+    ) as pool:
+        timed = pool.map(_encode_share, shares)
+    floor_wall_s = max(dt for _n, dt in timed)
+    floor_worker_s = sum(dt for _n, dt in timed) / manifest.num_samples  # worker seconds per sample
+    floor_rate = manifest.num_samples / floor_wall_s
+    cv2.setNumThreads(1)
+    samples = [sample for _key, sample, _members in iter_corpus(out, manifest)]
+    t0 = time.perf_counter()
+    for sample in samples:
+        encode_sample(sample, cfg.png_compression)
+    one_s = (time.perf_counter() - t0) / len(samples)
+    w = result.num_workers
+
+    print()
+    print(
+        f"build:        {build_rate:7.2f} samples/s with {w} workers ({build_rate / w:.2f}/s per worker), "
+        f"wall {result.build_s:.1f} s"
+    )
+    print(
+        f"encode floor: {floor_rate:7.2f} samples/s with {w} processes ({floor_rate / w:.2f}/s per process); "
+        f"{1 / one_s:.2f}/s in one process alone"
+    )
+    if w > 1:
+        print(
+            f"machine:      {w} processes run {floor_rate * one_s:.2f}x one process (the encode floor's own "
+            "scaling: per-core figures below are per process at this parallelism)"
+        )
+    print(
+        f"ratio:        build time per sample = {floor_rate / build_rate:.2f}x the encode floor; the shard "
+        f"code's own share (encode + tar + hash + fsync) = {own_s / floor_worker_s:.2f}x; "
+        f"make_sample adds {make_s / floor_worker_s:.2f}x"
+    )
+    print(
+        "worker time:  "
+        + " | ".join(
+            f"{k} {1000 * v / result.num_samples_built:.1f} ms/sample ({100 * v / stage_total:.0f}%)"
+            for k, v in result.stage_s.items()
+        )
+        + f"  [make_sample alone: {1000 * make_s:.1f} ms]"
+    )
+    rss = sorted(result.peak_rss_bytes.values())
+    print(f"peak RSS:     {', '.join(format_bytes(r) for r in rss)} (per worker)")
+    print(
+        f"bytes:        {format_bytes(manifest.num_bytes / manifest.num_samples)}/sample in the tar; "
+        f"{len(manifest.shards)} shards; modalities {manifest.modalities}"
+    )
+
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    if levels:
+        print()
+        print("PNG level | encode ms/sample (1 core) | kB/sample (all members)")
+        for level in levels:
+            t0 = time.perf_counter()
+            num_bytes = 0
+            for sample in samples:
+                num_bytes += sum(len(v) for v in encode_sample(sample, level).values())
+            dt = (time.perf_counter() - t0) / len(samples)
+            print(f"{level:9d} | {1000 * dt:25.1f} | {num_bytes / len(samples) / 1e3:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Sample keys, members and the checks where sample data enters."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from shards_testdata import hand_sample
+
+from data_engine.corpus import Sample
+from shards.schema import (
+    FOV,
+    IMAGE,
+    MASK,
+    META,
+    SampleError,
+    ShardError,
+    decode_sample,
+    encode_sample,
+    iter_samples,
+    key_index,
+    sample_key,
+)
+from shards.writer import ShardWriter, shard_name
+
+
+def test_key_is_corpus_and_nine_digit_index_without_dots() -> None:
+    assert sample_key("univg58k", 17) == "univg58k_000000017"
+    assert key_index("univg58k_000000017") == 17
+    with pytest.raises(ValueError):
+        sample_key("bad.name", 0)
+    with pytest.raises(SampleError):
+        key_index("x_17")
+
+
+@pytest.mark.parametrize("i", [0, 1, 3])  # colour+fov, grey, grey+fov
+def test_encode_decode_round_trip_is_exact(i: int) -> None:
+    sample = hand_sample(i)
+    members = encode_sample(sample, level=1)
+    assert (FOV in members) == (sample.fov is not None)
+    back = decode_sample("c_000000000", members)
+    assert np.array_equal(back.image, sample.image) and back.image.shape == sample.image.shape
+    assert np.array_equal(back.mask, sample.mask) and back.mask.ndim == 2
+    assert (back.fov is None) == (sample.fov is None)
+    assert back.meta == sample.meta
+
+
+def test_meta_json_is_canonical_and_takes_numpy_values() -> None:
+    sample = hand_sample(1)
+    sample.meta = {"modality": "xca", "b": np.float64(0.5), "a": np.arange(2)}
+    assert encode_sample(sample, 1)[META] == b'{"a":[0,1],"b":0.5,"modality":"xca"}'
+
+
+def test_mask_that_is_not_single_channel_is_rejected() -> None:
+    members = encode_sample(hand_sample(1), 1)
+    mask_bgr = cv2.cvtColor(hand_sample(1).mask, cv2.COLOR_GRAY2BGR)
+    members[MASK] = cv2.imencode(".png", mask_bgr)[1].tobytes()
+    with pytest.raises(SampleError, match="mask.png"):
+        decode_sample("c_000000001", members)
+
+
+def test_soft_mask_values_are_rejected_on_decode_and_encode() -> None:
+    members = encode_sample(hand_sample(1), 1)
+    soft = np.zeros((16, 16), np.uint8)
+    soft[3, 3] = 128
+    members[MASK] = cv2.imencode(".png", soft)[1].tobytes()
+    with pytest.raises(SampleError, match="0 or 255"):
+        decode_sample("c_000000001", members)
+    with pytest.raises(SampleError, match="0 or 255"):
+        encode_sample(Sample(image=soft, mask=soft, fov=None, meta={"modality": "xca"}), 1)
+
+
+def test_missing_member_bad_png_and_bad_meta_are_sample_errors() -> None:
+    members = encode_sample(hand_sample(1), 1)
+    with pytest.raises(SampleError, match="missing"):
+        decode_sample("k_000000001", {k: v for k, v in members.items() if k != MASK})
+    with pytest.raises(SampleError, match="image.png"):
+        decode_sample("k_000000001", {**members, IMAGE: members[IMAGE][:40]})
+    with pytest.raises(SampleError, match="meta.json"):
+        decode_sample("k_000000001", {**members, META: b'{"no_modality": 1}'})
+    bad = hand_sample(1)
+    bad.meta = {"source": "x"}
+    with pytest.raises(SampleError, match="modality"):
+        encode_sample(bad, 1)
+
+
+def test_image_and_mask_of_different_sizes_are_rejected() -> None:
+    members = encode_sample(hand_sample(1), 1)
+    members[MASK] = encode_sample(hand_sample(1, size_px=8), 1)[MASK]
+    with pytest.raises(SampleError, match="shape"):
+        decode_sample("k_000000001", members)
+
+
+def _shard_bytes(tmp_path: Path, n: int = 3) -> bytes:
+    with ShardWriter(tmp_path / shard_name("c", 0)) as w:
+        for i in range(n):
+            w.add(sample_key("c", i), encode_sample(hand_sample(i), 1), "xca")
+        record = w.commit()
+    return (tmp_path / record.name).read_bytes()
+
+
+def test_iter_samples_groups_members_by_key(tmp_path: Path) -> None:
+    got = list(iter_samples(io.BytesIO(_shard_bytes(tmp_path))))
+    assert [k for k, _ in got] == ["c_000000000", "c_000000001", "c_000000002"]
+    assert sorted(got[0][1]) == sorted([FOV, IMAGE, MASK, META]) and sorted(got[1][1]) == [IMAGE, MASK, META]
+
+
+@pytest.mark.parametrize("cut", ["mid_member", "header_boundary", "no_end_blocks"])
+def test_truncated_tar_is_a_shard_error(tmp_path: Path, cut: str) -> None:
+    data = _shard_bytes(tmp_path)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    end_of_last_member = members[-1].offset_data + members[-1].size
+    size = {
+        "mid_member": members[2].offset_data + 5,
+        "header_boundary": next(m.offset for m in members if m.name.startswith("c_000000001")),
+        "no_end_blocks": end_of_last_member + (-end_of_last_member) % 512,  # data padded, zero blocks cut
+    }[cut]
+    with pytest.raises(ShardError):
+        list(iter_samples(io.BytesIO(data[:size])))

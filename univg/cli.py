@@ -2,6 +2,7 @@
 
     univg shards build --config configs/corpus/tiny.yaml --out data/shards/tiny
     univg shards verify|preview|stats DIR
+    univg pretrain --config configs/pretrain/tiny.yaml [--resume auto] [dotted overrides]
 
 Stage modules are imported only when their subcommand runs, so `univg shards ...` never pays for
 torch or DeepSpeed start-up.
@@ -16,6 +17,9 @@ import sys
 # subcommand -> module providing add_arguments(parser) and run(args) -> int
 _COMMANDS = {
     "shards": ("shards.cli", "build, verify, preview, inspect and merge WebDataset shard corpora"),
+    "pretrain": ("pretrain.cli", "train the mask- and modality-conditioned diffusion generator (DeepSpeed)"),
+    "segment": ("finetune.segment", "write vessel masks for a folder of images with a trained segmenter"),
+    "evaluate": ("finetune.evaluate", "score predictions against a task's labels (summary.json, overlays)"),
 }
 
 

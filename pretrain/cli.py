@@ -4,32 +4,15 @@ univg pretrain --config configs/pretrain/tiny.yaml [--out runs/x] [--optim.lr 3e
 univg pretrain --config C --resume auto        # continue the newest complete checkpoint (or start)
 univg pretrain --config C --overwrite          # replace an existing run folder
 torchrun --nproc_per_node 2 -m pretrain --config C
-deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 -m pretrain --config C
+deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 --module pretrain --config C
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 
 from pretrain.config import PretrainConfig
-
-_OVERRIDE = "override:"
-
-
-def _config_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One hidden `--dotted.key VALUE` option per config field, so a typo is an argparse error."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            _config_options(parser, tp, f"{prefix}{f.name}.")
-        elif prefix + f.name != "out":  # --out is a plain option
-            dotted = prefix + f.name
-            parser.add_argument(
-                f"--{dotted}", dest=_OVERRIDE + dotted, metavar="VALUE", help=argparse.SUPPRESS
-            )
+from univg.config import add_config_options, cli_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,17 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the deepspeed launcher appends --local_rank=N; the environment's LOCAL_RANK says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    _config_options(parser, PretrainConfig)
+    add_config_options(parser, PretrainConfig, skip=("out",))  # --out is a plain option
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
-    found = [
-        f"{k[len(_OVERRIDE) :]}={v}"
-        for k, v in vars(args).items()
-        if k.startswith(_OVERRIDE) and v is not None
-    ]
     out = [f"out={args.out}"] if args.out else []
-    return list(args.overrides) + found + out
+    return cli_overrides(args, args.overrides) + out
 
 
 def run(args: argparse.Namespace) -> int:

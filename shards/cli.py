@@ -12,45 +12,12 @@ univg shards stats DIR [--max-samples N] [--json stats.json]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 
 from shards.config import CorpusConfig
-
-_OVERRIDE_PREFIX = "override:"
-
-
-def _add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One `--dotted.key VALUE` option per config field (values parsed as YAML), so a typo is an
-    argparse error naming the option, and `--help` lists every setting."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        dotted = prefix + f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            _add_config_options(parser, tp, dotted + ".")
-            continue
-        parser.add_argument(
-            f"--{dotted}", dest=_OVERRIDE_PREFIX + dotted, metavar="VALUE", help=argparse.SUPPRESS
-        )
-        if typing.get_origin(tp) is dict and f.default_factory is not dataclasses.MISSING:
-            for key in f.default_factory():
-                sub = f"{dotted}.{key}"
-                parser.add_argument(
-                    f"--{sub}", dest=_OVERRIDE_PREFIX + sub, metavar="VALUE", help=argparse.SUPPRESS
-                )
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    found = [
-        f"{k[len(_OVERRIDE_PREFIX) :]}={v}"
-        for k, v in vars(args).items()
-        if k.startswith(_OVERRIDE_PREFIX) and v is not None
-    ]
-    return list(args.overrides) + found
+from univg.config import add_config_options, cli_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace a different corpus found in --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    _add_config_options(b, CorpusConfig)
+    add_config_options(b, CorpusConfig)
 
     g = sub.add_parser(
         "ingest", help="write a real labelled collection (pairs.csv or images/+masks/) as shards"
@@ -114,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         from shards.build import build_corpus, summary
         from shards.config import load_corpus_config
 
-        cfg = load_corpus_config(args.config, _overrides(args))
+        cfg = load_corpus_config(args.config, cli_overrides(args, args.overrides))
         result = build_corpus(
             cfg,
             Path(args.out),

@@ -8,6 +8,7 @@ an unknown key is an error that names the full dotted key and the allowed ones.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -191,3 +192,40 @@ def config_hash(cfg: Any) -> str:
     """sha256 of the canonical JSON of a config: equal configs give equal hashes."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_OVERRIDE_DEST = "override:"
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One hidden `--dotted.key VALUE` option per field of `cls` (and per default key of dict fields),
+    so a mistyped setting is an argparse error naming the option. Collect them with `cli_overrides`."""
+
+    def add(node: type, prefix: str) -> None:
+        hints = typing.get_type_hints(node)
+        for f in dataclasses.fields(node):
+            dotted, tp = prefix + f.name, hints[f.name]
+            if dotted in skip:
+                continue
+            if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+                add(tp, dotted + ".")
+                continue
+            names = [dotted]
+            if get_origin(tp) is dict and f.default_factory is not dataclasses.MISSING:
+                names += [f"{dotted}.{key}" for key in f.default_factory()]
+            for name in names:
+                parser.add_argument(
+                    f"--{name}", dest=_OVERRIDE_DEST + name, metavar="VALUE", help=argparse.SUPPRESS
+                )
+
+    add(cls, "")
+
+
+def cli_overrides(args: argparse.Namespace, positional: list[str] | None = None) -> list[str]:
+    """`key=value` overrides from the positional list plus every `--dotted.key VALUE` that was given."""
+    given = [
+        f"{k[len(_OVERRIDE_DEST) :]}={v}"
+        for k, v in vars(args).items()
+        if k.startswith(_OVERRIDE_DEST) and v is not None
+    ]
+    return list(positional or []) + given

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -79,12 +83,21 @@ def test_two_nodes_times_two_workers_see_disjoint_data_covering_the_corpus(corpu
     assert sorted(seen[0] + seen[1]) == [sample_key("hand", i) for i in range(NUM_SAMPLES)]
 
 
-def test_rank_and_world_size_come_from_the_environment(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rank_and_world_size_come_from_the_environment(corpus: Path) -> None:
+    # Each rank is a fresh process with only RANK/WORLD_SIZE set, as a launcher starts it (in this test
+    # process an earlier in-process training run may have left a torch.distributed group, which wins).
+    script = (
+        "import json, sys; from shards.reader import make_dataset; "
+        "print(json.dumps([s['key'] for s in make_dataset(sys.argv[1], seed=1, resampled=False)]))"
+    )
     per_rank = []
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        per_rank.append(set(_keys(make_dataset(str(corpus), seed=1, resampled=False))))
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(corpus)], env=env, capture_output=True, text=True, check=True
+        )
+        per_rank.append(set(json.loads(out.stdout.strip().splitlines()[-1])))
+    assert per_rank[0] and per_rank[1]
     assert per_rank[0].isdisjoint(per_rank[1]) and len(per_rank[0] | per_rank[1]) == NUM_SAMPLES
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_engine.corpus import MorphologyConfig
 from univg.config import ConfigError, load_config
 
 # Network families (see finetune.segmenter.build_network):
@@ -256,19 +257,106 @@ class SegmenterConfig:
 
 
 @dataclass(frozen=True)
+class RouteMix:
+    """Share of synthetic pairs made each way; normalised to sum to 1."""
+
+    composite: float = 0.75  # new mask drawn into a shot's vessel-free background
+    augment: float = 0.25  # a real shot, geometrically augmented (image and mask warped together)
+
+
+@dataclass(frozen=True)
+class MaskSourceMix:
+    """Share of composite masks from each source (module docstring); normalised to sum to 1."""
+
+    shot: float = 0.45  # a shot's own graph, re-posed and re-styled
+    recombined: float = 0.4  # sub-trees of all shots grafted together
+    regrowth: float = 0.15  # space colonization inside a shot's vessel region (coarser-looking trees)
+
+
+def _task_morphology() -> MorphologyConfig:
+    # Milder than the corpus ranges: the point is new masks with this task's look, not every look.
+    return MorphologyConfig(
+        radius_scale=(0.85, 1.2),
+        tortuosity=(0.0, 0.3),
+        branch_density=(0.7, 1.3),
+        pruning_depth=(0, 1),
+        vessel_count=(1, 3),
+        rotation_deg=(-30.0, 30.0),
+        scale=(0.85, 1.15),
+        elastic_px=(0.0, 6.0),
+    )
+
+
+@dataclass(frozen=True)
+class AugmentRoute:
+    """Geometric augmentation of a real pair (the `augment` route)."""
+
+    max_rotate_deg: float = 20.0  # largest rotation about the image centre (degrees, either way)
+    scale_range: tuple[float, float] = (0.9, 1.1)  # zoom factor range (ratio)
+    elastic_px: float = 3.0  # RMS displacement of the smooth elastic warp at 512 px (px; scales with size)
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """How many synthetic pairs a few-shot run makes from its shots, and how."""
+
+    num_pairs: int = 200  # synthetic pairs written per draw (count)
+    seed: int = 0  # pair i uses np.random.default_rng([seed, i])
+    routes: RouteMix = field(default_factory=RouteMix)  # composite vs augment
+    sources: MaskSourceMix = field(default_factory=MaskSourceMix)  # where composite masks come from
+    morphology: MorphologyConfig = field(default_factory=_task_morphology)  # ranges each mask draws from
+    augment: AugmentRoute = field(default_factory=AugmentRoute)  # the plain route's warp
+    samples_per_shard: int = 64  # pairs per shard file (count)
+    png_compression: int = 1  # zlib level 0-9 of the shard PNGs
+
+    def __post_init__(self) -> None:
+        if self.num_pairs < 0:
+            raise ValueError(f"synthesis.num_pairs={self.num_pairs} must be >= 0")
+        for name, mix in (("routes", self.routes), ("sources", self.sources)):
+            shares = list(vars(mix).values())
+            if min(shares) < 0 or sum(shares) <= 0:
+                raise ValueError(f"synthesis.{name}={mix} needs non-negative shares with a positive sum")
+        if self.samples_per_shard < 1 or not 0 <= self.png_compression <= 9:
+            raise ValueError("synthesis.samples_per_shard must be >= 1 and png_compression in 0..9")
+
+
+Method = Literal["univg", "baseline", "full"]
+METHODS: tuple[str, ...] = ("univg", "baseline", "full")
+
+
+@dataclass(frozen=True)
 class SplitConfig:
     """Which real labelled cases a few-shot run trains on (finetune.split)."""
 
     shots: int = 5  # labelled real cases drawn from the task's train split (count)
-    seed: int = 0  # seed of the draw; the draw is written to <run>/split.json once
+    seed: int = 0  # seed of the first draw; draw d uses seed + d, each written to <run>/draw_<d>/split.json
+    num_draws: int = 3  # independent draws of the shots; results are reported as mean and std over them
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise ValueError(f"split.shots={self.shots} must be >= 1")
+        if self.num_draws < 1:
+            raise ValueError(f"split.num_draws={self.num_draws} must be >= 1")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """A few-shot fine-tuning run (`configs/finetune/*.yaml`)."""
 
-    split: SplitConfig = field(default_factory=SplitConfig)  # the few-shot draw
+    split: SplitConfig = field(default_factory=SplitConfig)  # the few-shot draws
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)  # every segmenter the run trains
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)  # engine synthesis from the shots
+    # What the run trains and scores, each with the same segmenter and budget: univg (shots + synthetic
+    # pairs), baseline (the same shots, standard augmentation only), full (every label of the pool, once)
+    methods: tuple[Method, ...] = ("univg", "baseline", "full")
+    overlays: bool = True  # write overlay pictures of every scored case
+    max_eval_cases: int = 0  # score only the first N eval cases (count; 0 = all): quick looks, not results
+
+    def __post_init__(self) -> None:
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={list(self.methods)} must name each of {list(METHODS)} at most once")
+        if self.max_eval_cases < 0:
+            raise ValueError(f"max_eval_cases={self.max_eval_cases} must be >= 0 (0 scores every case)")
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:

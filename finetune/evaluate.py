@@ -295,13 +295,16 @@ def evaluate_cases(
         "std": {name: metrics[name]["std"] for name in METRICS},
         "per_case": per_case,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out_dir / "cases.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", *METRICS])
         for row in per_case:
             writer.writerow([row["case"], *("" if row[m] is None else f"{row[m]:.6f}" for m in METRICS)])
     _write_report(summary, out_dir)
+    # summary.json last and atomically: its presence means the evaluation is complete (runs resume on it)
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out_dir / "summary.json")
     return summary
 
 

@@ -9,17 +9,22 @@ splits in task order; its meta names the source set, case, split, files and lice
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import univg
+from data_engine.corpus import Sample
 from shards.build import check_output_folder
 from shards.config import NAME_RE
-from shards.manifest import MANIFEST, Manifest, write_manifest, write_record
+from shards.manifest import MANIFEST, Manifest, load_manifest, write_manifest, write_record
 from shards.schema import MODALITY_RE, encode_sample, sample_key
 from shards.writer import ShardRecord, ShardWriter, shard_name
-from univg.config import config_hash, to_dict
+from univg.config import to_dict
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,6 @@ def ingest_corpus(
     progress: bool = True,
 ) -> Manifest:
     """Write the task's cases as shards + manifest.json in `out`; returns the manifest."""
-    from tqdm import tqdm
-
     from data_engine.ingest import SPLITS, ingest_samples, read_task
 
     if not MODALITY_RE.match(modality):
@@ -73,16 +76,56 @@ def ingest_corpus(
         samples_per_shard=samples_per_shard,
         png_compression=png_compression,
     )
-    cfg_hash = config_hash(cfg)
-    out = Path(out)
-    check_output_folder(name, out, cfg_hash, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    samples = ingest_samples(task, modality, splits=list(wanted))
+    return write_samples(
+        samples,
+        num_samples=len(cases),
+        name=name,
+        out=Path(out),
+        config=to_dict(cfg),
+        modality=modality,
+        samples_per_shard=samples_per_shard,
+        png_compression=png_compression,
+        overwrite=overwrite,
+        progress=progress,
+        desc="ingest",
+    )
 
+
+def write_samples(
+    samples: Iterable[Sample],
+    *,
+    num_samples: int,
+    name: str,
+    out: Path,
+    config: dict[str, Any],
+    modality: str,
+    samples_per_shard: int = 256,
+    png_compression: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "write",
+) -> Manifest:
+    """Write samples (in order; sample i gets key `<name>_<i:09d>`) as shards + manifest.json in `out`.
+
+    `config` (plain data) and its hash go into the manifest and guard the folder: another config there is
+    refused unless `overwrite`. A folder whose manifest already holds this config is kept as it is.
+    """
+    from tqdm import tqdm
+
+    # the same canonical JSON as univg.config.config_hash, so an ingest config hashes as it always did
+    cfg_hash = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    check_output_folder(name, out, cfg_hash, overwrite)
+    if (out / MANIFEST).is_file():
+        existing = load_manifest(out)
+        if existing.config_hash == cfg_hash and existing.num_samples == num_samples:
+            return existing
+    out.mkdir(parents=True, exist_ok=True)
     records: list[ShardRecord] = []
     writer: ShardWriter | None = None
-    samples = ingest_samples(task, modality, splits=list(wanted))
     try:
-        for i, sample in enumerate(tqdm(samples, total=len(cases), unit="case", disable=not progress)):
+        bar = tqdm(samples, total=num_samples, desc=desc, unit="pair", disable=not progress)
+        for i, sample in enumerate(bar):
             if writer is None:
                 writer = ShardWriter(out / shard_name(name, len(records)))
             writer.add(sample_key(name, i), encode_sample(sample, png_compression), modality)
@@ -99,7 +142,7 @@ def ingest_corpus(
             writer.abort()
     manifest = Manifest(
         corpus=name,
-        config=to_dict(cfg),
+        config=config,
         config_hash=cfg_hash,
         univg_version=univg.__version__,
         shards=tuple(records),

@@ -3,6 +3,8 @@
     univg shards build --config configs/corpus/tiny.yaml --out data/shards/tiny
     univg shards verify|preview|stats DIR
     univg pretrain --config configs/pretrain/tiny.yaml [--resume auto] [dotted overrides]
+    univg finetune --task my_task/pairs.csv --shots 5 --out runs/my_task [--profile cpu-fast|gpu]
+    univg segment --model runs/my_task --images DIR --out DIR;  univg evaluate --pred DIR --task T
 
 Stage modules are imported only when their subcommand runs, so `univg shards ...` never pays for
 torch or DeepSpeed start-up.
@@ -18,6 +20,7 @@ import sys
 _COMMANDS = {
     "shards": ("shards.cli", "build, verify, preview, inspect and merge WebDataset shard corpora"),
     "pretrain": ("pretrain.cli", "train the mask- and modality-conditioned diffusion generator (DeepSpeed)"),
+    "finetune": ("finetune.run", "few-shot segmentation: shots -> synthesis -> segmenters -> report"),
     "segment": ("finetune.segment", "write vessel masks for a folder of images with a trained segmenter"),
     "evaluate": ("finetune.evaluate", "score predictions against a task's labels (summary.json, overlays)"),
 }

@@ -1,0 +1,166 @@
+"""Dice against shots on the real sets: univg (shots + engine synthesis) vs the augmentation-only baseline
+vs full supervision, each with the same segmenter and step budget (`univg finetune` underneath).
+
+    python benchmarks/bench_fewshot.py --out runs/bench_fewshot                       # all three sets
+    python benchmarks/bench_fewshot.py --sets OCTA500_3M --shots 1,5 --draws 1 --out runs/quick
+    python benchmarks/bench_fewshot.py --out runs/bench_fewshot --report-only   # tables of finished runs
+
+Reads the sets from ../shared/data (skips those absent). Each (set, shots) is one run folder
+`<out>/<set>/shots_<k>` (methods univg + baseline, --draws draws); full supervision is one run per set,
+`<out>/<set>/full`. Runs resume, so a killed benchmark continues where it stopped. Writes
+`<out>/fewshot.json`, `<out>/fewshot.md` (the table) and `<out>/fewshot_dice.png` (Dice against shots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
+
+
+def run_set(name: str, shots: list[int], draws: int, profile: str, out: Path, overrides: list[str]) -> None:
+    from finetune.config import load_finetune_config
+    from finetune.run import profile_path, run_finetune
+
+    task = DATA / name / "pairs.csv"
+    path = profile_path(profile)
+    full_dir = out / name / "full"
+    cfg = load_finetune_config(path, [*overrides, "methods=[full]", "split.num_draws=1", "split.shots=1"])
+    started = time.perf_counter()
+    run_finetune(task, full_dir, cfg, resume=full_dir.exists())
+    print(f"{name}: full supervision {time.perf_counter() - started:.0f} s", flush=True)
+    for k in shots:
+        run_dir = out / name / f"shots_{k}"
+        cfg = load_finetune_config(
+            path, [*overrides, "methods=[univg,baseline]", f"split.num_draws={draws}", f"split.shots={k}"]
+        )
+        started = time.perf_counter()
+        run_finetune(task, run_dir, cfg, resume=run_dir.exists())
+        print(f"{name}: {k} shot(s) x {draws} draw(s) {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Every finished run under out, as {set: {"full": stats, "shots": {k: {method: stats}}}}."""
+    results: dict[str, Any] = {}
+    for set_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        entry: dict[str, Any] = {"shots": {}}
+        full = set_dir / "full" / "summary.json"
+        if full.is_file():
+            entry["full"] = json.loads(full.read_text())["methods"]["full"]
+        for run in sorted(set_dir.glob("shots_*")):
+            summary_path = run / "summary.json"
+            if summary_path.is_file():
+                summary = json.loads(summary_path.read_text())
+                entry["shots"][int(run.name.split("_")[1])] = summary["methods"]
+                entry["num_eval_cases"] = summary["num_eval_cases"]
+                entry["segmenter"] = summary["segmenter"]
+        if entry["shots"] or "full" in entry:
+            results[set_dir.name] = entry
+    return results
+
+
+def _cell(stats: dict[str, Any] | None, metric: str = "dice") -> str:
+    if not stats or stats[metric]["mean"] is None:
+        return "-"
+    m = stats[metric]
+    return f"{m['mean']:.4f} +- {m['std']:.4f} (n={stats['num_draws']})"
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| set | shots | univg Dice | baseline Dice | univg - baseline | full supervision Dice | univg clDice"
+        " | baseline clDice |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        full = entry.get("full")
+        for k in sorted(entry["shots"]):
+            methods = entry["shots"][k]
+            u, b = methods.get("univg"), methods.get("baseline")
+            gap = "-"
+            if u and b:
+                gap = f"{u['dice']['mean'] - b['dice']['mean']:+.4f}"
+            lines.append(
+                f"| {name} | {k} | {_cell(u)} | {_cell(b)} | {gap} | {_cell(full)} | {_cell(u, 'cldice')} | "
+                f"{_cell(b, 'cldice')} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
+        shots = sorted(entry["shots"])
+        for method, colour in (("univg", "tab:red"), ("baseline", "tab:blue")):
+            xs = [k for k in shots if method in entry["shots"][k]]
+            mean = [entry["shots"][k][method]["dice"]["mean"] for k in xs]
+            std = [entry["shots"][k][method]["dice"]["std"] for k in xs]
+            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=colour, label=method)
+        if "full" in entry:
+            ax.axhline(entry["full"]["dice"]["mean"], color="black", ls="--", label="full supervision")
+        ax.set_title(name)
+        ax.set_xlabel("real labelled shots")
+        ax.set_ylabel("Dice (test split)")
+        ax.set_xticks(shots or [1])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--sets", default=",".join(SETS), help="comma-separated set folders in ../shared/data"
+    )
+    parser.add_argument("--shots", default="1,3,5", help="comma-separated shot counts")
+    parser.add_argument("--draws", type=int, default=3, help="draws per shot count")
+    parser.add_argument("--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_fewshot"))
+    parser.add_argument("--report-only", action="store_true", help="only tabulate finished runs")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"skipped: no real data in {DATA}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for name in args.sets.split(","):
+            if not (DATA / name / "pairs.csv").is_file():
+                print(f"skipped {name}: no {DATA / name / 'pairs.csv'}")
+                continue
+            run_set(
+                name,
+                [int(k) for k in args.shots.split(",")],
+                args.draws,
+                args.profile,
+                args.out,
+                args.overrides,
+            )
+    results = collect(args.out)
+    (args.out / "fewshot.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    (args.out / "fewshot.md").write_text(text + "\n")
+    plot(results, args.out / "fewshot_dice.png")
+    print(text)
+    print(f"\nmachine: {platform.machine()} {platform.processor() or ''} | python {sys.version.split()[0]}")
+    print(f"command: python benchmarks/bench_fewshot.py {' '.join(sys.argv[1:])}")
+    print(f"wrote {args.out / 'fewshot.md'}, {args.out / 'fewshot_dice.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

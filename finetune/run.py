@@ -1,0 +1,616 @@
+"""`univg finetune`: few-shot vessel segmentation for a new task, end to end.
+
+    univg finetune --task my_task/pairs.csv --shots 5 --out runs/my_task [--profile cpu-fast|gpu]
+    univg finetune --task my_task/pairs.csv --cases a,b,c --out runs/my_task --methods univg
+    univg finetune ... --resume auto          # continue an interrupted run: finished stages are kept
+
+For each of `split.num_draws` draws of the shots (draw d: seed + d): split -> synthesis from the shots
+(data engine, CPU; shards + preview) -> segmenter on shots + synthetic pairs (`univg`) and on the shots
+alone (`baseline`) -> evaluation on the task's test split. Full supervision (`full`: every label of the
+pool) is trained once. Every method uses the same segmenter config and step budget. Then `summary.json`
+(per method: per draw and mean/std over draws; per case in each evaluation folder), `report.md` and
+`comparison.png` (a few test cases: image | label | each method's errors).
+
+Run folder:
+    config.yaml  finetune.log  summary.json  report.md  comparison.png
+    model/                      the univg segmenter of draw 0 (what `univg segment --model RUN` loads)
+    full/{model,eval}/          full supervision
+    draw_<d>/split.json         the drawn shots and the scored cases
+    draw_<d>/synthetic/         shards + manifest.json + preview.png
+    draw_<d>/<method>/{model,eval}/
+A stage is done when its last file exists (model/config.json, eval/summary.json, synthetic/manifest.json),
+so `--resume auto` redoes only an interrupted stage (a segmenter training restarts from its first step).
+All input is read and checked before anything is written; an existing run is never replaced without
+`--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from data_engine.ingest import Case, Task, load_case, read_task
+from finetune.config import FinetuneConfig, load_finetune_config
+from finetune.metrics import METRICS
+from finetune.split import Split, draw_split, write_split
+from univg.config import add_config_options, cli_overrides, to_dict
+
+log = logging.getLogger("univg.finetune")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = ROOT / "configs" / "finetune"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+PRED_DIR = "pred"  # <method>/eval/pred/<case>.png: the thresholded masks that were scored
+LoadedCase = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+# --- input ---
+
+
+def profile_path(profile: str) -> Path:
+    """configs/finetune/<profile>.yaml; an unknown profile lists the known ones."""
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ValueError(f"--profile {profile!r} is not one of {known} (files in {PROFILES_DIR})")
+    return path
+
+
+def plan_splits(
+    task: Task, task_path: str | Path, cfg: FinetuneConfig, cases: list[str] | None
+) -> list[Split]:
+    """The run's draws: named cases (one draw), or split.num_draws draws of split.shots."""
+    if cases is not None:
+        splits = [draw_split(task, cases=cases, task_path=task_path)]
+    else:
+        splits = [
+            draw_split(task, shots=cfg.split.shots, seed=cfg.split.seed + d, task_path=task_path)
+            for d in range(cfg.split.num_draws)
+        ]
+    if cfg.max_eval_cases:
+        splits = [replace(s, eval=s.eval[: cfg.max_eval_cases]) for s in splits]
+    return splits
+
+
+def load_cases(task: Task, names: set[str], progress: bool = True) -> dict[str, LoadedCase]:
+    """Read and check every named case (ValueError naming the file on any problem)."""
+    from tqdm import tqdm
+
+    by_name = {c.name: c for c in task.cases}
+    loaded = {}
+    bar = tqdm(sorted(names), desc="read cases", unit="case", leave=False, disable=not progress)
+    for name in bar:
+        loaded[name] = load_case(by_name[name])
+    return loaded
+
+
+# --- the run folder ---
+
+
+def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Create the run folder, or check it may be continued (same config) or replaced (--overwrite)."""
+    config_path = out / CONFIG_FILE
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if not config_path.is_file():
+                raise FileExistsError(
+                    f"--out {out} is not empty and holds no {CONFIG_FILE}: not a univg run, so --overwrite "
+                    "will not delete it; choose another --out"
+                )
+            shutil.rmtree(out)
+        elif resume:
+            if not config_path.is_file():
+                raise FileExistsError(f"--resume auto: {out} holds no {CONFIG_FILE}; nothing to resume")
+            previous = yaml.safe_load(config_path.read_text())
+            if previous != cfg_dict:
+                diffs = _differences(previous, cfg_dict)
+                raise ValueError(
+                    f"--resume auto: {config_path} differs from this run's config ({'; '.join(diffs[:5])}); "
+                    "use the same settings, or a new --out"
+                )
+        else:
+            raise FileExistsError(
+                f"--out {out} already holds a run; pass --resume auto to continue it or --overwrite to "
+                "replace it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not config_path.is_file():
+        tmp = config_path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        tmp.replace(config_path)
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def setup_logging(out: Path) -> list[logging.Handler]:
+    """INFO to the console and to <out>/finetune.log, for this package's loggers."""
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(sys.stdout),
+        logging.FileHandler(out / "finetune.log"),
+    ]
+    for h in handlers:
+        h.setFormatter(fmt)
+    for name in ("univg.finetune", "finetune", "data_engine"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for h in handlers:
+            logger.addHandler(h)
+    return handlers
+
+
+def _close_logging(handlers: list[logging.Handler]) -> None:
+    for name in ("univg.finetune", "finetune", "data_engine"):
+        logger = logging.getLogger(name)
+        for h in handlers:
+            logger.removeHandler(h)
+    for h in handlers:
+        h.close()
+
+
+# --- stages ---
+
+
+def train_and_evaluate(
+    cfg: FinetuneConfig,
+    task: Task,
+    loaded: dict[str, LoadedCase],
+    train_names: list[str],
+    eval_names: list[str],
+    synthetic: Any,
+    folder: Path,
+    info: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary."""
+    import cv2
+
+    from finetune.evaluate import evaluate_cases
+    from finetune.segmenter import Segmenter, train_segmenter
+
+    eval_summary = folder / "eval" / SUMMARY_FILE
+    if eval_summary.is_file():
+        log.info("%s: done already (%s)", folder.name, eval_summary)
+        return dict(json.loads(eval_summary.read_text()))
+    model_dir = folder / "model"
+    if (model_dir / "config.json").is_file():
+        segmenter = Segmenter.load(model_dir)
+        log.info("%s: segmenter loaded from %s", folder.name, model_dir)
+    else:
+        real = [loaded[n] for n in train_names]
+        segmenter = train_segmenter(cfg.segmenter, real, synthetic=synthetic, progress=progress)
+        segmenter.save(model_dir)
+    by_name = {c.name: c for c in task.cases}
+    cases: list[Case] = [by_name[n] for n in eval_names]
+
+    pred_dir = folder / "eval" / PRED_DIR
+    pred_dir.mkdir(parents=True, exist_ok=True)
+
+    def predict(case: Case, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        prob = segmenter.predict_proba(image)
+        pred = prob > segmenter.threshold
+        cv2.imwrite(str(pred_dir / f"{case.name}.png"), np.where(pred, np.uint8(255), np.uint8(0)))
+        return pred, prob
+
+    full_info = {
+        **info,
+        "model": str(model_dir),
+        "predictions": str(pred_dir),
+        "threshold": segmenter.threshold,
+        "threshold_source": segmenter.record.get("threshold_source"),
+        "train_cases": train_names,
+        "train_wall_s": segmenter.record.get("wall_s"),
+    }
+    started = time.perf_counter()
+    summary = evaluate_cases(
+        task, cases, predict, folder / "eval", full_info, overlays=cfg.overlays, progress=progress
+    )
+    log.info(
+        "%s: Dice %.4f +- %.4f on %d case(s) | clDice %.4f | eval %.0f s",
+        folder.relative_to(folder.parents[1]) if len(folder.parents) > 1 else folder,
+        summary["mean"]["dice"],
+        summary["std"]["dice"] or 0.0,
+        summary["num_cases"],
+        summary["mean"]["cldice"],
+        time.perf_counter() - started,
+    )
+    return summary
+
+
+def synthesize(
+    cfg: FinetuneConfig,
+    loaded: dict[str, LoadedCase],
+    split: Split,
+    folder: Path,
+    draw: int,
+    progress: bool,
+) -> Any:
+    """Make (or reuse) the draw's synthetic set in folder; returns a re-iterable of (image, mask) pairs."""
+    from finetune.synthesis import ShotSynthesizer, write_synthetic
+
+    syn_cfg = replace(cfg.synthesis, seed=cfg.synthesis.seed + 1000 * draw)
+    started = time.perf_counter()
+    synth = ShotSynthesizer([loaded[n] for n in split.train], syn_cfg, names=split.train)
+    write_synthetic(synth, folder, progress=progress, config=to_dict(syn_cfg))
+    log.info(
+        "draw %d: %d synthetic pairs from %d shot(s) in %s (%.0f s; preview %s)",
+        draw,
+        len(synth),
+        len(split.train),
+        folder,
+        time.perf_counter() - started,
+        folder / "preview.png",
+    )
+    return _ShardPairs(folder)
+
+
+class _ShardPairs:
+    """The synthetic set read back from its shards, as (image, mask) pairs; iterable any number of times."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __iter__(self) -> Any:
+        from shards.inspect import iter_corpus
+        from shards.manifest import load_manifest
+
+        manifest = load_manifest(self.folder)
+        for _key, sample, _members in iter_corpus(self.folder, manifest):
+            yield sample.image, sample.mask
+
+
+# --- the run ---
+
+
+def run_finetune(
+    task_path: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    cases: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`univg finetune` as a function (module docstring); returns the run summary."""
+    out = Path(out)
+    started = time.perf_counter()
+    # everything read and checked first: a bad input stops the run before it writes anything
+    task = read_task(task_path)
+    splits = plan_splits(task, task_path, cfg, cases)
+    needed = {n for s in splits for n in s.train + s.eval}
+    if "full" in cfg.methods:
+        needed |= set(splits[0].full_train)
+    loaded = load_cases(task, needed, progress)
+    cfg_dict = {"task": str(task_path), "cases": cases, **to_dict(cfg)}
+    prepare_run_dir(out, cfg_dict, resume, overwrite)
+    handlers = setup_logging(out)
+    try:
+        log.info(
+            "univg finetune: task %s (%d cases) | %d draw(s) of %d shot(s) | methods %s | %d scored case(s) "
+            "(%s) | run %s",
+            task.name,
+            len(task.cases),
+            len(splits),
+            splits[0].shots,
+            ",".join(cfg.methods),
+            len(splits[0].eval),
+            splits[0].eval_from,
+            out,
+        )
+        results: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
+        if "full" in cfg.methods:
+            s0 = splits[0]
+            info = {"method": "full", "task_path": str(task_path), "cases_from": s0.eval_from}
+            results["full"].append(
+                train_and_evaluate(
+                    cfg, task, loaded, s0.full_train, s0.eval, None, out / "full", info, progress
+                )
+            )
+        for d, split in enumerate(splits):
+            draw_dir = out / f"draw_{d}"
+            write_split(split, draw_dir)
+            log.info("draw %d: shots %s (seed %s)", d, ", ".join(split.train), split.seed)
+            base_info = {"task_path": str(task_path), "cases_from": split.eval_from, "draw": d}
+            if "univg" in cfg.methods:
+                synthetic = synthesize(cfg, loaded, split, draw_dir / "synthetic", d, progress)
+                results["univg"].append(
+                    train_and_evaluate(
+                        cfg,
+                        task,
+                        loaded,
+                        split.train,
+                        split.eval,
+                        synthetic,
+                        draw_dir / "univg",
+                        {**base_info, "method": "univg"},
+                        progress,
+                    )
+                )
+            if "baseline" in cfg.methods:
+                results["baseline"].append(
+                    train_and_evaluate(
+                        cfg,
+                        task,
+                        loaded,
+                        split.train,
+                        split.eval,
+                        None,
+                        draw_dir / "baseline",
+                        {**base_info, "method": "baseline"},
+                        progress,
+                    )
+                )
+        main_method = next(m for m in ("univg", "baseline", "full") if m in cfg.methods)
+        source = out / ("full" if main_method == "full" else f"draw_0/{main_method}") / "model"
+        if not (out / "model" / "config.json").is_file():
+            shutil.copytree(source, out / "model", dirs_exist_ok=True)
+        summary = _summarise(task, task_path, cfg, splits, results, time.perf_counter() - started, out)
+        _write_report(summary, out)
+        _comparison_picture(loaded, splits[0], cfg, out)
+        tmp = out / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(out / SUMMARY_FILE)
+        for method, stats in summary["methods"].items():
+            log.info(
+                "%-8s Dice %.4f +- %.4f over %d draw(s) | clDice %.4f | NSD %.4f",
+                method,
+                stats["dice"]["mean"],
+                stats["dice"]["std"],
+                stats["num_draws"],
+                stats["cldice"]["mean"],
+                stats["nsd"]["mean"],
+            )
+        log.info("wrote %s, report.md, comparison.png (%.0f s)", out / SUMMARY_FILE, summary["wall_s"])
+        return summary
+    finally:
+        _close_logging(handlers)
+
+
+def _summarise(
+    task: Task,
+    task_path: str | Path,
+    cfg: FinetuneConfig,
+    splits: list[Split],
+    results: dict[str, list[dict[str, Any]]],
+    wall_s: float,
+    out: Path,
+) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    for method, evals in results.items():
+        if not evals:
+            continue
+        stats: dict[str, Any] = {"num_draws": len(evals)}
+        for name in METRICS:
+            values = [e["mean"][name] for e in evals if e["mean"][name] is not None]
+            stats[name] = {
+                "mean": float(np.mean(values)) if values else None,
+                # std over draws (population); one draw has none
+                "std": float(np.std(values)) if len(values) > 1 else 0.0,
+                "per_draw": values,
+            }
+        stats["eval"] = [
+            str(Path(e["model"]).parent.relative_to(out) / "eval") for e in evals if "model" in e
+        ]
+        stats["train_wall_s"] = [e.get("train_wall_s") for e in evals]
+        methods[method] = stats
+    return {
+        "format": "univg-finetune/1",
+        "task": task.name,
+        "task_path": str(task_path),
+        "shots": splits[0].shots,
+        "num_draws": len(splits),
+        "draws": [{"seed": s.seed, "train": s.train} for s in splits],
+        "num_eval_cases": len(splits[0].eval),
+        "eval_from": splits[0].eval_from,
+        "segmenter": {
+            "arch": cfg.segmenter.net.arch,
+            "steps": cfg.segmenter.optim.max_steps,
+            "patch_px": cfg.segmenter.patch.patch_size_px,
+            "batch": cfg.segmenter.patch.batch_size,
+        },
+        "synthetic_pairs_per_draw": cfg.synthesis.num_pairs if "univg" in methods else 0,
+        "methods": methods,
+        "wall_s": round(wall_s, 1),
+    }
+
+
+_METHOD_NOTES = {
+    "univg": "the shots + synthetic pairs made from them by the data engine",
+    "baseline": "the same shots with standard augmentation only",
+    "full": "every label of the training pool (the upper bound)",
+}
+
+
+def _write_report(summary: dict[str, Any], out: Path) -> None:
+    def cell(stats: dict[str, Any], name: str) -> str:
+        m = stats[name]
+        if m["mean"] is None:
+            return "-"
+        return f"{m['mean']:.4f} +- {m['std']:.4f}" if stats["num_draws"] > 1 else f"{m['mean']:.4f}"
+
+    lines = [
+        f"# Few-shot segmentation: {summary['task']}",
+        "",
+        f"{summary['shots']} shot(s), {summary['num_draws']} draw(s); scored on {summary['num_eval_cases']} "
+        f"case(s) ({summary['eval_from']}). Segmenter: {summary['segmenter']['arch']}, "
+        f"{summary['segmenter']['steps']} steps, the same for every method. Mean +- std over draws.",
+        "",
+        "| method | what it trains on | Dice | clDice | NSD (2 px) | IoU | AUC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, stats in summary["methods"].items():
+        cells = [cell(stats, n) for n in ("dice", "cldice", "nsd", "iou", "auc")]
+        lines.append(f"| {method} | {_METHOD_NOTES[method]} | {' | '.join(cells)} |")
+    lines += ["", "![comparison](comparison.png)", ""]
+    lines += [
+        "Comparison: image | label | each method's errors on that image (white: found vessel, red: false "
+        "vessel, blue: missed vessel, dark grey: outside the field of view).",
+        "",
+        "## Draws",
+        "",
+    ]
+    for d, draw in enumerate(summary["draws"]):
+        row = [f"- draw {d} (seed {draw['seed']}): shots {', '.join(draw['train'])}"]
+        for method, stats in summary["methods"].items():
+            if method != "full" and d < len(stats["dice"]["per_draw"]):
+                row.append(f"{method} Dice {stats['dice']['per_draw'][d]:.4f}")
+        lines.append(" | ".join(row))
+    lines += [
+        "",
+        "Per-case scores and overlays: `draw_<d>/<method>/eval/` and `full/eval/` (report.md, cases.csv).",
+        "Synthetic pairs of draw 0: `draw_0/synthetic/preview.png`.",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _comparison_picture(
+    loaded: dict[str, LoadedCase], split: Split, cfg: FinetuneConfig, out: Path, num_cases: int = 3
+) -> None:
+    """comparison.png: for the first few scored cases, image | label | each method's error map."""
+    import cv2
+
+    folders = {m: out / ("full" if m == "full" else f"draw_0/{m}") / "eval" for m in cfg.methods}
+    scores = {
+        m: {c["case"]: c["dice"] for c in json.loads((f / SUMMARY_FILE).read_text())["per_case"]}
+        for m, f in folders.items()
+        if (f / SUMMARY_FILE).is_file()
+    }
+    rows = []
+    tile = 256
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for name in split.eval[:num_cases]:
+        image, label, fov = loaded[name]
+        tiles = [_fit(image, tile), _fit(label, tile)]
+        cv2.putText(tiles[0], name, (4, 16), font, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(tiles[1], "label", (4, 16), font, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
+        for method, folder in folders.items():
+            pred = cv2.imread(str(folder / PRED_DIR / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
+            if pred is None:
+                continue
+            t = _fit(error_map(pred > 0, label > 0, fov), tile)
+            dice = scores.get(method, {}).get(name)
+            text = method if dice is None else f"{method} Dice {dice:.3f}"
+            cv2.putText(t, text, (4, 16), font, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
+            tiles.append(t)
+        gap = np.full((tile, 4, 3), 96, np.uint8)
+        rows.append(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1))
+    if not rows:
+        return
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=96) for r in rows]
+    cv2.imwrite(str(out / "comparison.png"), np.concatenate(rows, axis=0))
+
+
+def error_map(pred_HW: np.ndarray, label_HW: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
+    """BGR picture of a prediction's errors: TP white, FP red, FN blue, outside the FOV dark grey."""
+    errors = np.zeros((*label_HW.shape, 3), np.uint8)
+    if fov is not None:
+        errors[fov == 0] = (40, 40, 40)
+    errors[pred_HW & label_HW] = (255, 255, 255)
+    errors[pred_HW & ~label_HW] = (0, 0, 255)
+    errors[~pred_HW & label_HW] = (255, 0, 0)
+    return errors
+
+
+def _fit(array: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    bgr = cv2.cvtColor(array, cv2.COLOR_GRAY2BGR) if array.ndim == 2 else array
+    h, w = bgr.shape[:2]
+    f = size / max(h, w)
+    small = cv2.resize(bgr, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[: small.shape[0], : small.shape[1]] = small
+    return canvas
+
+
+# --- CLI ---
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `univg finetune`."""
+    parser.description = (
+        "Few-shot vessel segmentation: draw shots, synthesise pairs from them, train and score segmenters "
+        "(univg, the augmentation-only baseline, full supervision) and write a report."
+    )
+    parser.add_argument(
+        "--task", required=True, help="task manifest CSV, or a folder with images/ and masks/"
+    )
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument(
+        "--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml (default cpu-fast)"
+    )
+    parser.add_argument("--config", default=None, help="a fine-tuning YAML instead of --profile")
+    parser.add_argument(
+        "--shots", type=int, default=None, help="labelled real cases per draw (default: config)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first draw (default: config)")
+    parser.add_argument("--draws", type=int, default=None, help="number of draws (default: config)")
+    parser.add_argument("--cases", default=None, metavar="A,B,C", help="name the shots instead of drawing")
+    parser.add_argument(
+        "--methods", default=None, metavar="M,M", help="subset of univg,baseline,full (default: config)"
+    )
+    parser.add_argument("--resume", choices=["auto"], default=None, help="continue an interrupted run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_options(parser, FinetuneConfig, skip=("methods",))  # --methods is a plain option
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides: segmenter.optim.max_steps=400")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The resolved config: the profile (or --config), dotted overrides, then the named options."""
+    path = Path(args.config) if args.config else profile_path(args.profile)
+    overrides = cli_overrides(args, args.overrides)
+    if args.shots is not None:
+        overrides.append(f"split.shots={args.shots}")
+    if args.seed is not None:
+        overrides.append(f"split.seed={args.seed}")
+    if args.draws is not None:
+        overrides.append(f"split.num_draws={args.draws}")
+    if args.methods is not None:
+        overrides.append(f"methods=[{args.methods}]")
+    return load_finetune_config(path, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `univg finetune`."""
+    cfg = config_from_args(args)
+    cases = None
+    if args.cases is not None:
+        if args.shots is not None or args.draws is not None:
+            raise ValueError("give --cases or --shots/--draws, not both")
+        cases = args.cases.split(",")
+    summary = run_finetune(
+        args.task,
+        args.out,
+        cfg,
+        cases=cases,
+        resume=args.resume == "auto",
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"{summary['task']}: {summary['shots']} shot(s), {summary['num_draws']} draw(s)")
+    for method, stats in summary["methods"].items():
+        print(f"  {method:<8} Dice {stats['dice']['mean']:.4f} +- {stats['dice']['std']:.4f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

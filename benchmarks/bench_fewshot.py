@@ -1,7 +1,7 @@
 """Dice against shots on the real sets: univg (shots + engine synthesis) vs the augmentation-only baseline
 vs full supervision, each with the same segmenter and step budget (`univg finetune` underneath).
 
-    python benchmarks/bench_fewshot.py --out runs/bench_fewshot                       # all three sets
+    python benchmarks/bench_fewshot.py --out runs/bench_fewshot --jobs 2              # all three sets
     python benchmarks/bench_fewshot.py --sets OCTA500_3M --shots 1,5 --draws 1 --out runs/quick
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --report-only   # tables of finished runs
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -25,25 +26,26 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
 
 
-def run_set(name: str, shots: list[int], draws: int, profile: str, out: Path, overrides: list[str]) -> None:
+def run_job(job: tuple[str, int | None, int, str, str, list[str], int]) -> str:
+    """One run folder: full supervision of a set (shots None) or univg + baseline at `shots`."""
+    name, shots, draws, profile, out, overrides, threads = job
+    import torch
+
+    torch.set_num_threads(threads)
     from finetune.config import load_finetune_config
     from finetune.run import profile_path, run_finetune
 
     task = DATA / name / "pairs.csv"
-    path = profile_path(profile)
-    full_dir = out / name / "full"
-    cfg = load_finetune_config(path, [*overrides, "methods=[full]", "split.num_draws=1", "split.shots=1"])
+    if shots is None:
+        run_dir = Path(out) / name / "full"
+        more = ["methods=[full]", "split.num_draws=1", "split.shots=1"]
+    else:
+        run_dir = Path(out) / name / f"shots_{shots}"
+        more = ["methods=[univg,baseline]", f"split.num_draws={draws}", f"split.shots={shots}"]
+    cfg = load_finetune_config(profile_path(profile), [*overrides, *more])
     started = time.perf_counter()
-    run_finetune(task, full_dir, cfg, resume=full_dir.exists())
-    print(f"{name}: full supervision {time.perf_counter() - started:.0f} s", flush=True)
-    for k in shots:
-        run_dir = out / name / f"shots_{k}"
-        cfg = load_finetune_config(
-            path, [*overrides, "methods=[univg,baseline]", f"split.num_draws={draws}", f"split.shots={k}"]
-        )
-        started = time.perf_counter()
-        run_finetune(task, run_dir, cfg, resume=run_dir.exists())
-        print(f"{name}: {k} shot(s) x {draws} draw(s) {time.perf_counter() - started:.0f} s", flush=True)
+    run_finetune(task, run_dir, cfg, resume=run_dir.exists(), progress=False)
+    return f"{run_dir}: {time.perf_counter() - started:.0f} s"
 
 
 def collect(out: Path) -> dict[str, Any]:
@@ -130,6 +132,7 @@ def main() -> int:
     parser.add_argument("--draws", type=int, default=3, help="draws per shot count")
     parser.add_argument("--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fewshot"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on cores / jobs threads")
     parser.add_argument("--report-only", action="store_true", help="only tabulate finished runs")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args()
@@ -138,18 +141,23 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        for name in args.sets.split(","):
-            if not (DATA / name / "pairs.csv").is_file():
-                print(f"skipped {name}: no {DATA / name / 'pairs.csv'}")
-                continue
-            run_set(
-                name,
-                [int(k) for k in args.shots.split(",")],
-                args.draws,
-                args.profile,
-                args.out,
-                args.overrides,
-            )
+        sets = [n for n in args.sets.split(",") if (DATA / n / "pairs.csv").is_file()]
+        for n in sorted(set(args.sets.split(",")) - set(sets)):
+            print(f"skipped {n}: no {DATA / n / 'pairs.csv'}")
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        shot_counts = [int(k) for k in args.shots.split(",")]
+        common = (args.draws, args.profile, str(args.out), args.overrides, threads)
+        # full supervision first, then the shot counts in the order given (most wanted first)
+        jobs = [(n, None, *common) for n in sets] + [(n, k, *common) for k in shot_counts for n in sets]
+        if args.jobs == 1:
+            for job in jobs:
+                print(run_job(job), flush=True)
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+                for line in pool.imap_unordered(run_job, jobs):
+                    print(line, flush=True)
     results = collect(args.out)
     (args.out / "fewshot.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)

@@ -320,8 +320,129 @@ class SynthesisConfig:
             raise ValueError("synthesis.samples_per_shard must be >= 1 and png_compression in 0..9")
 
 
-Method = Literal["univg", "baseline", "full"]
-METHODS: tuple[str, ...] = ("univg", "baseline", "full")
+NEW_MODALITY = "new"  # adapt.modality for a modality the generator never saw: its spare slot
+
+# The UNet2DModel layers that carry a modality's appearance: attention projections and each ResNet's two
+# convolutions and its timestep(+class)-embedding projection. peft matches these as name suffixes.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How the pretrained generator is adapted to a few real image-mask pairs."""
+
+    method: Literal["lora", "full"] = "lora"  # LoRA adapters on a frozen UNet, or every weight trained
+    lora_rank: int = 8  # rank of each LoRA update (count)
+    lora_alpha: int = 8  # LoRA scale numerator: the update is scaled by alpha / rank (ratio)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch input (probability)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # module name suffixes that get LoRA (names)
+    train_class_embedding: bool = True  # "lora": also train the modality embedding (a "new" one needs it)
+    init_new_from_mean: bool = True  # "new": the spare row starts as the mean of the trained rows (flag)
+    modality: str = NEW_MODALITY  # a built-in modality name, or "new" for the generator's spare slot
+    max_steps: int = 300  # optimizer steps (count)
+    lr: float = 1e-4  # peak learning rate (per step); ~1e-4 for LoRA, ~1e-5 for "full"
+    warmup_steps: int = 20  # optimizer steps of linear warmup from 0 to lr, then constant
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 turns clipping off
+    batch_size: int = 4  # augmented crops per optimizer step (count)
+    seed: int = 0  # LoRA init, crops and noise (a run is a pure function of config, shots and base)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on CUDA, no on CPU
+    # real crop side before resizing to the generator's (px): the image_size_px of the corpus the generator
+    # was pretrained on (512 for univg58k), whose whole images it saw shrunk to its own side
+    crop_side_px: int = 512
+    crop_scale_range: tuple[float, float] = (0.8, 1.25)  # random factor on crop_side_px (ratio, low..high)
+    min_vessel_fraction: float = 0.01  # a crop with less vessel area is redrawn (fraction of its pixels)
+    flip: bool = True  # random horizontal and vertical flips (flag)
+    rot90: bool = True  # random turns by 0/90/180/270 degrees (flag)
+    log_every_steps: int = 25  # optimizer steps between log lines (count)
+    # also save the adapter after these steps (count), into snapshots/step_<step:06d>/: candidates for the
+    # segmentation feedback's choice of adaptation length
+    snapshot_steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"adapt.method={self.method!r} must be 'lora' or 'full'")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(
+                f"adapt.lora_rank={self.lora_rank} must be >= 1 and adapt.lora_alpha={self.lora_alpha} > 0"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"adapt.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.method == "lora" and not self.target_modules:
+            raise ValueError("adapt.target_modules is empty: LoRA needs modules to adapt, e.g. to_q, conv1")
+        if not self.modality:
+            raise ValueError("adapt.modality is empty: give a built-in modality name or 'new'")
+        for name in ("max_steps", "batch_size", "log_every_steps", "crop_side_px"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"adapt.{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"adapt: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 (got lr={self.lr}, "
+                f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip})"
+            )
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"adapt.mixed_precision={self.mixed_precision!r} must be auto, no, bf16 or fp16")
+        low, high = self.crop_scale_range
+        if not 0 < low <= high:
+            raise ValueError(
+                f"adapt.crop_scale_range={self.crop_scale_range} must be (low, high), 0 < low <= high"
+            )
+        if not 0.0 <= self.min_vessel_fraction < 1.0:
+            raise ValueError(f"adapt.min_vessel_fraction={self.min_vessel_fraction} must be in [0, 1)")
+        bad = [k for k in self.snapshot_steps if not 1 <= k <= self.max_steps]
+        if bad:
+            raise ValueError(f"adapt.snapshot_steps {bad} must lie in 1..adapt.max_steps={self.max_steps}")
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Segmentation feedback into generation: candidates (adaptation length x guidance x real/synthetic
+    mix) scored by leave-one-out Dice on the shots; the best one makes the run's synthetic set."""
+
+    enabled: bool = True  # score the candidates; off (or fewer than 2 shots): the first of each list
+    guidance_scales: tuple[float, ...] = (1.0, 2.0)  # mask guidance scales tried (ratio; 1 = none)
+    synthetic_fractions: tuple[float, ...] = (0.25, 0.5)  # share of synthetic patches per batch, tried
+    num_folds: int = 3  # held-out shots scored, each by a segmenter trained on the other shots (count)
+    segmenter_steps: int = 200  # optimizer steps of each fold's segmenter (count)
+    num_pairs: int = 24  # synthetic pairs per fold and candidate (count)
+
+    def __post_init__(self) -> None:
+        if not self.guidance_scales or not self.synthetic_fractions:
+            raise ValueError("feedback.guidance_scales and feedback.synthetic_fractions need a value each")
+        if any(g <= 0 for g in self.guidance_scales):
+            raise ValueError(f"feedback.guidance_scales {list(self.guidance_scales)} must be > 0")
+        if any(not 0.0 < f <= 1.0 for f in self.synthetic_fractions):
+            raise ValueError(
+                f"feedback.synthetic_fractions {list(self.synthetic_fractions)} must be in (0, 1]"
+            )
+        if self.num_folds < 1 or self.segmenter_steps < 1 or self.num_pairs < 1:
+            raise ValueError("feedback.num_folds, segmenter_steps and num_pairs must be >= 1")
+
+
+@dataclass(frozen=True)
+class GeneratorRouteConfig:
+    """The `univg_gen` method: the pretrained generator adapted to the shots draws the synthetic images."""
+
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # LoRA / full adaptation on the shots
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)  # choice by leave-one-out Dice
+    num_pairs: int = 200  # synthetic pairs the chosen candidate makes per draw (count)
+    batch_size: int = 8  # masks per generator call (count)
+    num_inference_steps: int = 0  # sampler steps (count); 0 = what the generator was trained with
+
+    def __post_init__(self) -> None:
+        if self.num_pairs < 1 or self.batch_size < 1 or self.num_inference_steps < 0:
+            raise ValueError("generator.num_pairs and batch_size must be >= 1, num_inference_steps >= 0")
+
+
+Method = Literal["univg", "univg_gen", "baseline", "full"]
+METHODS: tuple[str, ...] = ("univg", "univg_gen", "baseline", "full")
 
 
 @dataclass(frozen=True)
@@ -346,8 +467,10 @@ class FinetuneConfig:
     split: SplitConfig = field(default_factory=SplitConfig)  # the few-shot draws
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)  # every segmenter the run trains
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)  # engine synthesis from the shots
-    # What the run trains and scores, each with the same segmenter and budget: univg (shots + synthetic
-    # pairs), baseline (the same shots, standard augmentation only), full (every label of the pool, once)
+    generator: GeneratorRouteConfig = field(default_factory=GeneratorRouteConfig)  # univg_gen only
+    # What the run trains and scores, each with the same segmenter and budget: univg (shots + engine
+    # synthesis), univg_gen (shots + images from the generator adapted to them; needs --generator),
+    # baseline (the same shots, standard augmentation only), full (every label of the pool, once)
     methods: tuple[Method, ...] = ("univg", "baseline", "full")
     overlays: bool = True  # write overlay pictures of every scored case
     max_eval_cases: int = 0  # score only the first N eval cases (count; 0 = all): quick looks, not results

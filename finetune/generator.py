@@ -46,9 +46,8 @@ import resource
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from finetune.config import NEW_MODALITY, AdaptConfig
 from pretrain.model import (
     GENERATOR_INFO,
     GeneratorInfo,
@@ -75,86 +75,13 @@ log = logging.getLogger(__name__)
 
 FORMAT = "univg-adapter/1"
 ADAPT_JSON = "adapt.json"
+SNAPSHOTS_DIR = "snapshots"  # adapters saved part-way (AdaptConfig.snapshot_steps)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names (PeftModel.save_pretrained)
 ADAPTER_CONFIG = "adapter_config.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name in a generator folder
-NEW_MODALITY = "new"
 MAX_CROP_TRIES = 8  # crops drawn per example before the one with most vessel is kept (count)
 EVAL_CROPS_PER_SHOT = 2  # fixed crops per shot in the before/after loss batch (count)
 MAX_EVAL_EXAMPLES = 16  # cap on that batch (count)
-
-# The UNet2DModel layers that carry a modality's appearance: attention projections and each ResNet's two
-# convolutions and its timestep(+class)-embedding projection. peft matches these as name suffixes.
-DEFAULT_TARGET_MODULES: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "conv1",
-    "conv2",
-    "time_emb_proj",
-)
-
-
-@dataclass(frozen=True)
-class AdaptConfig:
-    """How the pretrained generator is adapted to a few real image-mask pairs."""
-
-    method: Literal["lora", "full"] = "lora"  # LoRA adapters on a frozen UNet, or every weight trained
-    lora_rank: int = 8  # rank of each LoRA update (count)
-    lora_alpha: int = 8  # LoRA scale numerator: the update is scaled by alpha / rank (ratio)
-    lora_dropout: float = 0.0  # dropout on the LoRA branch input (probability)
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # module name suffixes that get LoRA (names)
-    train_class_embedding: bool = True  # "lora": also train the modality embedding (a "new" one needs it)
-    init_new_from_mean: bool = True  # "new": the spare row starts as the mean of the trained rows (flag)
-    modality: str = NEW_MODALITY  # a built-in modality name, or "new" for the generator's spare slot
-    max_steps: int = 300  # optimizer steps (count)
-    lr: float = 1e-4  # peak learning rate (per step); ~1e-4 for LoRA, ~1e-5 for "full"
-    warmup_steps: int = 20  # optimizer steps of linear warmup from 0 to lr, then constant
-    grad_clip: float = 1.0  # max global gradient L2 norm; 0 turns clipping off
-    batch_size: int = 4  # augmented crops per optimizer step (count)
-    seed: int = 0  # LoRA init, crops and noise (a run is a pure function of config, shots and base)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on CUDA, no on CPU
-    # real crop side before resizing to the generator's (px): the image_size_px of the corpus the generator
-    # was pretrained on (512 for univg58k), whose whole images it saw shrunk to its own side
-    crop_side_px: int = 512
-    crop_scale_range: tuple[float, float] = (0.8, 1.25)  # random factor on crop_side_px (ratio, low..high)
-    min_vessel_fraction: float = 0.01  # a crop with less vessel area is redrawn (fraction of its pixels)
-    flip: bool = True  # random horizontal and vertical flips (flag)
-    rot90: bool = True  # random turns by 0/90/180/270 degrees (flag)
-    log_every_steps: int = 25  # optimizer steps between log lines (count)
-
-    def __post_init__(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"adapt.method={self.method!r} must be 'lora' or 'full'")
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError(
-                f"adapt.lora_rank={self.lora_rank} must be >= 1 and adapt.lora_alpha={self.lora_alpha} > 0"
-            )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"adapt.lora_dropout={self.lora_dropout} must be in [0, 1)")
-        if self.method == "lora" and not self.target_modules:
-            raise ValueError("adapt.target_modules is empty: LoRA needs modules to adapt, e.g. to_q, conv1")
-        if not self.modality:
-            raise ValueError("adapt.modality is empty: give a built-in modality name or 'new'")
-        for name in ("max_steps", "batch_size", "log_every_steps", "crop_side_px"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"adapt.{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError(
-                f"adapt: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 (got lr={self.lr}, "
-                f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip})"
-            )
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"adapt.mixed_precision={self.mixed_precision!r} must be auto, no, bf16 or fp16")
-        low, high = self.crop_scale_range
-        if not 0 < low <= high:
-            raise ValueError(
-                f"adapt.crop_scale_range={self.crop_scale_range} must be (low, high), 0 < low <= high"
-            )
-        if not 0.0 <= self.min_vessel_fraction < 1.0:
-            raise ValueError(f"adapt.min_vessel_fraction={self.min_vessel_fraction} must be in [0, 1)")
-
 
 # --- shots -> checked arrays -> augmented training batches ---
 
@@ -552,6 +479,13 @@ def _adapt(
             step += 1
             losses.append(loss_value)
             interval_losses.append(loss_value)
+            if step in cfg.snapshot_steps and step < cfg.max_steps:
+                snap = out_dir / SNAPSHOTS_DIR / f"step_{step:06d}"
+                model.eval()
+                _save_adapter(accelerator.unwrap_model(model), noise_scheduler, info, step, cfg, snap)
+                model.train()
+                _write_json(snap / ADAPT_JSON, {**record, "status": "completed", "step": step})
+                log.info("snapshot after step %d -> %s", step, snap)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             # log
@@ -576,12 +510,7 @@ def _adapt(
     trained.eval()
     loss_end = eval_loss(trained, noise_scheduler, eval_batch, cfg.seed)
     log.info("fixed-batch loss %.4f -> %.4f", loss_start, loss_end)
-    if cfg.method == "lora":
-        trained.save_pretrained(str(out_dir), safe_serialization=True)
-        (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
-    else:
-        adapted_info = dataclasses.replace(info, step=info.step + step)
-        save_generator(trained, noise_scheduler, out_dir / "generator", adapted_info)
+    _save_adapter(trained, noise_scheduler, info, step, cfg, out_dir)
     record.update(
         status="completed",
         step=step,
@@ -594,6 +523,29 @@ def _adapt(
     )
     log.info("adapter -> %s", out_dir)
     return out_dir
+
+
+def _save_adapter(
+    trained: Any, noise_scheduler: Any, info: GeneratorInfo, step: int, cfg: AdaptConfig, folder: Path
+) -> None:
+    """The adapter ("lora": peft's files) or the whole generator ("full") after `step` steps, into folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.method == "lora":
+        trained.save_pretrained(str(folder), safe_serialization=True)
+        (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    else:
+        save_generator(
+            trained, noise_scheduler, folder / "generator", dataclasses.replace(info, step=info.step + step)
+        )
+
+
+def snapshot_dirs(adapter_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every adapter the adaptation saved, the snapshots and the final one, by step."""
+    adapter_dir = Path(adapter_dir)
+    found = [(int(read_adapt_record(adapter_dir)["step"]), adapter_dir)]
+    for snap in sorted((adapter_dir / SNAPSHOTS_DIR).glob("step_*")):
+        found.append((int(read_adapt_record(snap)["step"]), snap))
+    return sorted(found)
 
 
 # --- loading and sampling ---

@@ -281,6 +281,27 @@ class _ShardPairs:
 # --- the run ---
 
 
+def resolve_generator(generator_dir: str | Path | None, cfg: FinetuneConfig) -> Path | None:
+    """The generator folder univg_gen adapts (a checkpoint folder's generator/ is taken), checked."""
+    if "univg_gen" not in cfg.methods:
+        return None
+    if generator_dir is None:
+        raise ValueError(
+            "method univg_gen needs a pretrained generator: pass --generator "
+            "runs/<pretrain>/checkpoints/step_XXXXXXX (or drop univg_gen from --methods)"
+        )
+    path = Path(generator_dir)
+    if (path / "generator").is_dir():
+        path = path / "generator"
+    from pretrain.model import read_generator_info
+
+    try:
+        read_generator_info(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ValueError(f"--generator {generator_dir}: not a univg generator folder ({e})") from e
+    return path
+
+
 def run_finetune(
     task_path: str | Path,
     out: str | Path,
@@ -289,18 +310,26 @@ def run_finetune(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    generator_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """`univg finetune` as a function (module docstring); returns the run summary."""
+    """`univg finetune` as a function (module docstring); returns the run summary. `generator_dir` (a
+    pretrained generator folder, or a checkpoint folder holding generator/) is needed for univg_gen."""
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
+    generator = resolve_generator(generator_dir, cfg)
     task = read_task(task_path)
     splits = plan_splits(task, task_path, cfg, cases)
     needed = {n for s in splits for n in s.train + s.eval}
     if "full" in cfg.methods:
         needed |= set(splits[0].full_train)
     loaded = load_cases(task, needed, progress)
-    cfg_dict = {"task": str(task_path), "cases": cases, **to_dict(cfg)}
+    cfg_dict = {
+        "task": str(task_path),
+        "cases": cases,
+        "generator": None if generator is None else str(generator),
+        **to_dict(cfg),
+    }
     prepare_run_dir(out, cfg_dict, resume, overwrite)
     handlers = setup_logging(out)
     try:
@@ -345,6 +374,28 @@ def run_finetune(
                         progress,
                     )
                 )
+            if "univg_gen" in cfg.methods:
+                from finetune.feedback import generator_synthetic_set
+
+                assert generator is not None  # resolve_generator made sure
+                gen_dir = draw_dir / "univg_gen"
+                syn_dir, fraction, selection = generator_synthetic_set(
+                    cfg, [loaded[n] for n in split.train], split.train, gen_dir, generator, d, progress
+                )
+                patch = replace(cfg.segmenter.patch, synthetic_fraction=fraction)
+                results["univg_gen"].append(
+                    train_and_evaluate(
+                        replace(cfg, segmenter=replace(cfg.segmenter, patch=patch)),
+                        task,
+                        loaded,
+                        split.train,
+                        split.eval,
+                        _ShardPairs(syn_dir),
+                        gen_dir,
+                        {**base_info, "method": "univg_gen", "feedback": selection},
+                        progress,
+                    )
+                )
             if "baseline" in cfg.methods:
                 results["baseline"].append(
                     train_and_evaluate(
@@ -359,7 +410,7 @@ def run_finetune(
                         progress,
                     )
                 )
-        main_method = next(m for m in ("univg", "baseline", "full") if m in cfg.methods)
+        main_method = next(m for m in ("univg", "univg_gen", "baseline", "full") if m in cfg.methods)
         source = out / ("full" if main_method == "full" else f"draw_0/{main_method}") / "model"
         if not (out / "model" / "config.json").is_file():
             shutil.copytree(source, out / "model", dirs_exist_ok=True)
@@ -435,6 +486,7 @@ def _summarise(
 
 _METHOD_NOTES = {
     "univg": "the shots + synthetic pairs made from them by the data engine",
+    "univg_gen": "the shots + images the generator adapted to them draws for recombined masks",
     "baseline": "the same shots with standard augmentation only",
     "full": "every label of the training pool (the upper bound)",
 }
@@ -570,6 +622,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", default=None, metavar="M,M", help="subset of univg,baseline,full (default: config)"
     )
+    parser.add_argument(
+        "--generator",
+        default=None,
+        help="pretrained generator (checkpoint folder or its generator/): adds the univg_gen method",
+    )
     parser.add_argument("--resume", choices=["auto"], default=None, help="continue an interrupted run")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -589,7 +646,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         overrides.append(f"split.num_draws={args.draws}")
     if args.methods is not None:
         overrides.append(f"methods=[{args.methods}]")
-    return load_finetune_config(path, overrides)
+    cfg = load_finetune_config(path, overrides)
+    if args.generator is not None and args.methods is None and "univg_gen" not in cfg.methods:
+        methods = list(cfg.methods)
+        methods.insert(methods.index("univg") + 1 if "univg" in methods else 0, "univg_gen")
+        cfg = replace(cfg, methods=tuple(methods))
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -608,6 +670,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume == "auto",
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        generator_dir=args.generator,
     )
     print(f"{summary['task']}: {summary['shots']} shot(s), {summary['num_draws']} draw(s)")
     for method, stats in summary["methods"].items():

@@ -161,6 +161,17 @@ class ShotSynthesizer:
     def _composite(
         self, host: _Shot, rng: np.random.Generator, meta: dict[str, Any]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        mask, radius_px, params = self._task_mask(host, rng)
+        # the host's own profile: it was measured against this very background (draw_vessels adds a
+        # per-sample contrast factor of its own)
+        image = composite.draw_vessels(host.background, mask, radius_px, host.profile, rng, host.fov)
+        meta.update({"mask_source": params.pop("source"), "params": params})
+        return image, mask, host.fov
+
+    def _task_mask(
+        self, host: _Shot, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """A new mask on the host's canvas, cut to its FOV: (mask, radius_px, params with its source)."""
         source = pick(vars(self.cfg.sources), float(rng.random()))
         mask, radius_px, params = self._new_mask(host, source, rng)
         mask, radius_px = composite.clip_to_fov(mask, radius_px, host.fov)
@@ -174,11 +185,16 @@ class ShotSynthesizer:
             params["fallback"] = "host mask"
             mask = host.mask.copy()
             radius_px = _radius_map(host.mask)
-        # the host's own profile: it was measured against this very background (draw_vessels adds a
-        # per-sample contrast factor of its own)
-        image = composite.draw_vessels(host.background, mask, radius_px, host.profile, rng, host.fov)
-        meta.update({"mask_source": source, "params": params})
-        return image, mask, host.fov
+        params["source"] = source
+        return mask, radius_px, params
+
+    def mask_sample(self, index: int) -> tuple[np.ndarray, np.ndarray | None, str, dict[str, Any]]:
+        """Only a new mask, for images made elsewhere (the adapted generator): (mask, host FOV, host shot's
+        name, params); a pure function of (shots, config, index), independent of `sample`'s draws."""
+        rng = np.random.default_rng([self.cfg.seed, 1, index])
+        host = self.shots[int(rng.integers(len(self.shots)))]
+        mask, _radius_px, params = self._task_mask(host, rng)
+        return mask, host.fov, host.name, params
 
     def _new_mask(
         self, host: _Shot, source: str, rng: np.random.Generator
@@ -334,18 +350,26 @@ def write_synthetic(
 
 def preview(synth: ShotSynthesizer, path: Path, num_rows: int = 6, tile_px: int = 192) -> Path:
     """A picture of the first num_rows samples: new mask | synthetic image | the real shot it was made on."""
-    by_name = {s.name: s for s in synth.shots}
+    samples = [synth.sample(i) for i in range(min(num_rows, len(synth)))]
+    return preview_samples(samples, {s.name: s.image for s in synth.shots}, path, tile_px)
+
+
+def preview_samples(
+    samples: Sequence[Sample], host_images: dict[str, np.ndarray], path: Path, tile_px: int = 192
+) -> Path:
+    """One row per sample: mask | image | the real image of its host shot (meta "host"), labelled."""
     rows = []
     font = cv2.FONT_HERSHEY_SIMPLEX
-    for i in range(min(num_rows, len(synth))):
-        sample = synth.sample(i)
-        host = by_name[str(sample.meta["host"])]
-        tiles = [_tile(sample.mask, tile_px), _tile(sample.image, tile_px), _tile(host.image, tile_px)]
-        label = f"{i}: {sample.meta['route']}"
+    for sample in samples:
+        host = str(sample.meta.get("host"))
+        real = host_images.get(host)
+        tiles = [_tile(sample.mask, tile_px), _tile(sample.image, tile_px)]
+        tiles.append(_tile(real, tile_px) if real is not None else np.zeros_like(tiles[0]))
+        label = f"{sample.meta.get('index', '')}: {sample.meta.get('route', '')}"
         if "mask_source" in sample.meta:
             label += f"/{sample.meta['mask_source']}"
         cv2.putText(tiles[0], label, (4, 14), font, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
-        cv2.putText(tiles[2], f"real {host.name}", (4, 14), font, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(tiles[2], f"real {host}", (4, 14), font, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
         gap = np.full((tile_px, 4, 3), 96, np.uint8)
         rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
     if not rows:

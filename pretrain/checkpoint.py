@@ -1,7 +1,8 @@
 """Checkpoint folders: written whole or not at all, found again by `--resume auto`, pruned to the last K.
 
     <run>/checkpoints/step_<step:07d>/
-        generator/   EMA UNet via diffusers save_pretrained (safetensors), scheduler, univg_generator.json
+        generator/   EMA UNet via diffusers save_pretrained (safetensors), scheduler, univg_generator.json;
+                     model.kind controlnet: EMA controlnet/ (diffusers), modality_tokens.safetensors, json
         state/       DeepSpeed save_checkpoint: module, optimizer (ZeRO partitions), LR schedule
         meta.json    step, resolved config, data position, manifest hash, world size
 
@@ -21,7 +22,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +159,18 @@ def weights_only_loads() -> Iterator[None]:
             os.environ[key] = before
 
 
-def load_checkpoint(engine: Any, ema_unet: torch.nn.Module | None, folder: Path) -> None:
-    """Restore DeepSpeed's module, optimizer and LR schedule, and (rank 0) the EMA weights; every file
-    is read weights-only or as safetensors. ValueError if a state file holds anything but data."""
+UNET_WEIGHT_FILES = {"": "diffusion_pytorch_model.safetensors"}  # EMA state-dict prefix -> file in generator/
+
+
+def load_checkpoint(
+    engine: Any,
+    ema: torch.nn.Module | None,
+    folder: Path,
+    weight_files: Mapping[str, str] = UNET_WEIGHT_FILES,
+) -> None:
+    """Restore DeepSpeed's module, optimizer and LR schedule, and (rank 0) the EMA weights from the
+    generator/ files that `weight_files` names by state-dict prefix (controlnet: controlnet.WEIGHT_FILES);
+    every file is read weights-only or as safetensors. ValueError if a state file holds anything but data."""
     from safetensors.torch import load_file
 
     try:
@@ -174,6 +184,9 @@ def load_checkpoint(engine: Any, ema_unet: torch.nn.Module | None, folder: Path)
         ) from e
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the state in {folder / 'state'}")
-    if ema_unet is not None:
-        weights = folder / "generator" / "diffusion_pytorch_model.safetensors"
-        ema_unet.load_state_dict(load_file(str(weights), device=str(next(ema_unet.parameters()).device)))
+    if ema is not None:
+        device, state = str(next(ema.parameters()).device), {}
+        for prefix, name in weight_files.items():
+            weights = load_file(str(folder / "generator" / name), device=device)
+            state.update({prefix + key: value for key, value in weights.items()})
+        ema.load_state_dict(state)

@@ -4,6 +4,10 @@
     derived = derive(cfg, world_size=8)     # gradient accumulation etc., ValueError when they do not fit
 
 `model` and `diffusion` define the generator: a checkpoint only resumes under the same two sections.
+`model.kind` picks it: `unet` (our pixel-space UNet2DModel, the default) or `controlnet` (UniVG's
+recipe: a ControlNet on a frozen local Stable Diffusion 1.5, `model.sd_path`; see controlnet.py).
+The files a controlnet config names are checked by `check_sd_folder` when a run starts, not on load,
+so a YAML that names weights this machine lacks still parses.
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ from univg.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]  # repository root: relative config paths also resolve here
 
 
+SD_PARTS = ("unet", "vae", "scheduler")  # subfolders of a diffusers Stable Diffusion folder that we read
+# diffusers' DDPMScheduler defaults, for a scheduler_config.json that leaves a key out
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The UNet: diffusers UNet2DModel, noisy image + mask + FOV in, modality as a class embedding."""
+    """The generator. kind unet: diffusers UNet2DModel, noisy image + mask + FOV in, modality as a class
+    embedding; the architecture fields below define it. kind controlnet: a trainable ControlNet (mask,
+    FOV) + modality tokens on the frozen SD 1.5 VAE and UNet at sd_path; the UNet-only fields are unused."""
 
-    image_size_px: int = 32  # side of generated images (px); a multiple of 2**(levels - 1)
+    kind: Literal["unet", "controlnet"] = "unet"  # which generator (see the class doc)
+    sd_path: str | None = None  # controlnet only: local SD 1.5 diffusers folder (unet/, vae/, scheduler/)
+    image_size_px: int = 32  # side of generated images (px); unet: a multiple of 2**(levels - 1)
     block_out_channels: tuple[int, ...] = (16, 32)  # channels per resolution level (count)
     layers_per_block: int = 1  # ResNet blocks per level (count)
     attention_levels: tuple[bool, ...] = (False, True)  # self-attention blocks at each level (flags)
@@ -31,6 +44,23 @@ class ModelConfig:
     dropout: float = 0.0  # dropout probability in ResNet blocks
 
     def __post_init__(self) -> None:
+        if self.kind == "controlnet":
+            if not self.sd_path:
+                raise ValueError(
+                    "model.kind=controlnet needs model.sd_path: a local Stable Diffusion 1.5 folder in "
+                    "diffusers layout (unet/, vae/, scheduler/); nothing is downloaded"
+                )
+            # the VAE halves 3 times; check_sd_folder checks the SD UNet's own halvings on top
+            if self.image_size_px < 8 or self.image_size_px % 8:
+                raise ValueError(
+                    f"model.image_size_px={self.image_size_px} must be a positive multiple of 8 for "
+                    "model.kind=controlnet (the SD VAE's latents are 1/8 of the image side)"
+                )
+        elif self.sd_path is not None:
+            raise ValueError(
+                f"model.sd_path={self.sd_path!r} is only read by model.kind=controlnet (kind is "
+                f"{self.kind!r}): set model.kind: controlnet, or remove model.sd_path"
+            )
         n = len(self.block_out_channels)
         if n < 1:
             raise ValueError("model.block_out_channels must list at least one level")
@@ -40,7 +70,7 @@ class ModelConfig:
                 f"model.block_out_channels has {n} levels: give one flag per level"
             )
         factor = 2 ** (n - 1)
-        if self.image_size_px < factor or self.image_size_px % factor:
+        if self.kind == "unet" and (self.image_size_px < factor or self.image_size_px % factor):
             raise ValueError(
                 f"model.image_size_px={self.image_size_px} must be a positive multiple of {factor} "
                 f"(the UNet halves it {n - 1} times for {n} levels)"
@@ -179,6 +209,13 @@ class PretrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)  # EMA weights
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, batches, DeepSpeed, intervals
 
+    def __post_init__(self) -> None:
+        if self.model.kind == "controlnet" and self.sampling.sampler != "ddim":
+            raise ValueError(
+                f"sampling.sampler={self.sampling.sampler!r}: the controlnet generator samples with DDIM "
+                "only (DPM-Solver's thresholding here is for pixel-space images); set sampling.sampler: ddim"
+            )
+
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """Load a pretrain YAML plus dotted overrides; a bad value raises a ConfigError naming the file."""
@@ -248,6 +285,62 @@ def derive(cfg: PretrainConfig, world_size: int, cuda: bool | None = None) -> De
         device="cuda" if cuda else "cpu",
         backend="nccl" if cuda else "gloo",
     )
+
+
+def check_sd_folder(cfg: PretrainConfig) -> Path | None:
+    """For model.kind=controlnet, the SD 1.5 folder at model.sd_path, checked against the config:
+    unet/, vae/, scheduler/ with their configs and safetensors weights, an image size the VAE and the SD
+    UNet can halve, and a diffusion config equal to the SD scheduler's (the frozen UNet was trained with
+    it). ValueError naming the field otherwise; None for kind unet. Reads only small JSON files."""
+    m, d = cfg.model, cfg.diffusion
+    if m.kind != "controlnet":
+        return None
+    assert m.sd_path is not None  # ModelConfig checks it
+    folder = resolve_path(m.sd_path)
+    where = f"model.sd_path={m.sd_path!r}"
+    if not folder.is_dir():
+        raise ValueError(
+            f"{where}: no such folder; point it at a local Stable Diffusion 1.5 copy in diffusers layout "
+            "(unet/, vae/, scheduler/), e.g. one made by diffusers' save_pretrained; nothing is downloaded"
+        )
+    configs: dict[str, dict[str, Any]] = {}
+    for part in SD_PARTS:
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        path = folder / part / name
+        if not path.is_file():
+            raise ValueError(
+                f"{where} is not a diffusers Stable Diffusion folder: {part}/{name} is missing "
+                f"(it needs {', '.join(p + '/' for p in SD_PARTS)})"
+            )
+        try:
+            configs[part] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: {path} is not valid JSON: {e}") from e
+        if part != "scheduler" and not list((folder / part).glob("*.safetensors")):
+            raise ValueError(
+                f"{where}: {part}/ holds no .safetensors weights (pickled .bin files are never loaded); "
+                "convert it with diffusers' save_pretrained(..., safe_serialization=True)"
+            )
+    factor = 2 ** (len(configs["vae"].get("block_out_channels", [0] * 4)) - 1)
+    factor *= 2 ** (len(configs["unet"].get("block_out_channels", [0] * 4)) - 1)
+    if m.image_size_px % factor:
+        raise ValueError(
+            f"model.image_size_px={m.image_size_px} must be a multiple of {factor} for the SD folder at "
+            f"{folder}: the VAE and then the UNet halve the image side (SD 1.5: 8 x 8 = 64, e.g. 512)"
+        )
+    sched = configs["scheduler"]
+    for key, now in (
+        ("num_train_timesteps", d.num_train_timesteps),
+        ("beta_schedule", d.beta_schedule),
+        ("prediction_type", d.prediction_type),
+    ):
+        theirs = sched.get(key, SCHEDULER_DEFAULTS[key])
+        if theirs != now:
+            raise ValueError(
+                f"diffusion.{key}={now!r} but the SD scheduler in {folder / 'scheduler'} has {theirs!r}: "
+                f"the frozen SD UNet was trained with it; set diffusion.{key}: {theirs}"
+            )
+    return folder
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:

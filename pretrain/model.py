@@ -119,11 +119,16 @@ class GeneratorInfo:
     step: int  # optimizer steps the weights were trained for (count)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.model.kind == "unet":
+            layout: dict[str, Any] = {"input_channels": ["image_r", "image_g", "image_b", "mask", "fov"]}
+        else:  # the frozen SD parts are not in the folder: sd_path names them
+            layout = {"conditioning_channels": ["mask", "fov"], "sd_path": self.model.sd_path}
         return {
             "format": FORMAT,
+            "kind": self.model.kind,
             "modalities": list(self.modalities),
             "spare_modality_index": len(self.modalities),
-            "input_channels": ["image_r", "image_g", "image_b", "mask", "fov"],
+            **layout,
             "step": self.step,
             "model": to_dict(self.model),
             "diffusion": to_dict(self.diffusion),
@@ -137,7 +142,12 @@ def save_generator(unet: Any, noise_scheduler: Any, folder: str | Path, info: Ge
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder, safe_serialization=True)
     noise_scheduler.save_pretrained(folder)
-    (folder / GENERATOR_INFO).write_text(json.dumps(info.to_dict(), indent=1) + "\n")
+    write_generator_info(folder, info)
+
+
+def write_generator_info(folder: str | Path, info: GeneratorInfo) -> None:
+    """univg_generator.json of a generator folder (either kind)."""
+    (Path(folder) / GENERATOR_INFO).write_text(json.dumps(info.to_dict(), indent=1) + "\n")
 
 
 def read_generator_info(folder: str | Path) -> GeneratorInfo:
@@ -163,8 +173,14 @@ def read_generator_info(folder: str | Path) -> GeneratorInfo:
 def load_generator(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[UNet2DModel, DDPMScheduler, GeneratorInfo]:
-    """Load a generator folder (safetensors only, never pickle): UNet in eval mode, scheduler, info."""
+    """Load a generator folder (safetensors only, never pickle): UNet in eval mode, scheduler, info.
+    ValueError for a controlnet generator folder (ControlNetGenerator.from_pretrained loads those)."""
     info = read_generator_info(folder)
+    if info.model.kind != "unet":
+        raise ValueError(
+            f"{folder} holds a {info.model.kind} generator (on the frozen SD at {info.model.sd_path}), "
+            "not a UNet2DModel: load it with pretrain.controlnet.ControlNetGenerator.from_pretrained"
+        )
     unet = UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(str(folder))
     return unet.to(device).eval(), scheduler, info

@@ -3,9 +3,16 @@
     univg pretrain --config configs/pretrain/tiny.yaml                    # one process (gloo/NCCL group of 1)
     torchrun --nproc_per_node 2 -m pretrain --config ...        # or: deepspeed --module pretrain ...
 
-Order of a run: check everything that can be wrong with the input (config, batch split, run folder,
-resume checkpoint, shards) -> process group -> run folder (resolved config first) -> model, EMA,
-AdamW, LR schedule -> deepspeed.initialize -> resume -> the loop (`train()`, one screen) -> summary.json.
+Order of a run: check everything that can be wrong with the input (config, batch split, SD folder,
+run folder, resume checkpoint, shards) -> process group -> run folder (resolved config first) -> model,
+EMA, AdamW, LR schedule -> deepspeed.initialize -> resume -> the loop (`train()`, one screen) -> summary.json.
+
+Two generators (model.kind), one loop. `unet`: the pixel-space UNet2DModel (model.py) is the whole model.
+`controlnet`: UniVG's recipe (controlnet.py). Only its trained part, the ControlNet + modality tokens
+(`ControlNetBranch`), goes to deepspeed.initialize, the optimizer and the EMA; the frozen SD VAE and UNet
+(`sd` below; None for kind unet) sit on the device beside it, in bf16 on GPU, outside ZeRO. The diffusion
+then runs on the VAE's scaled latents with SD's own DDPM schedule. The kind-specific steps are the small
+functions under "the generator, by model.kind": build, what the diffusion runs on, predict, sample, save.
 
 Data position. Training is cut into segments that start at step 0 and at every checkpoint. A segment
 starting at step S reads a fresh resampled shard stream seeded by (train.seed, S, rank, worker) and draws
@@ -13,9 +20,11 @@ noise, timesteps and mask dropout from a generator seeded by (train.seed, rank, 
 checkpoint S therefore sees exactly the data and noise the uninterrupted run saw after S, without
 replaying the stream; meta.json records S as the data position.
 
-Tensor legend: B micro batch, H/W pixels; `x0_B3HW` clean image in [-1, 1], `noise_B3HW`, `noisy_B3HW`,
-`mask_B1HW` / `fov_B1HW` in {0, 1}, `keep_B` 1 where the mask is kept (0: dropped for guidance),
-`modality_B` int64, `t_B` int64 timesteps, `pred_B3HW` UNet output, `target_B3HW` what it should be.
+Tensor legend: B micro batch, H/W pixels; `image_B3HW` clean image in [-1, 1]; `x0_BCHW` what the
+diffusion runs on: the image itself (unet, C = 3) or its scaled VAE latents (controlnet, C = 4, H/8 x W/8);
+`noise_BCHW`, `noisy_BCHW`, `mask_B1HW` / `fov_B1HW` in {0, 1} at image resolution, `keep_B` 1 where the
+mask is kept (0: dropped for guidance), `modality_B` int64, `t_B` int64 timesteps, `pred_BCHW` the model's
+output, `target_BCHW` what it should be.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +54,7 @@ import yaml
 import univg
 from data_engine import MODALITIES
 from pretrain.checkpoint import (
+    UNET_WEIGHT_FILES,
     complete_checkpoints,
     load_checkpoint,
     manifest_hash,
@@ -54,7 +64,7 @@ from pretrain.checkpoint import (
     temp_folders,
     write_json,
 )
-from pretrain.config import Derived, PretrainConfig, deepspeed_config, derive
+from pretrain.config import Derived, ModelConfig, PretrainConfig, check_sd_folder, deepspeed_config, derive
 from pretrain.model import (
     NUM_MODALITY_SLOTS,
     GeneratorInfo,
@@ -67,6 +77,9 @@ from pretrain.model import (
     unet_input,
 )
 from univg.config import config_hash, to_dict
+
+if TYPE_CHECKING:  # controlnet.py is imported only when model.kind is controlnet
+    from pretrain.controlnet import ControlNetGenerator
 
 log = logging.getLogger("univg.pretrain")
 # DeepSpeed's ZeRO collectives call torch names deprecated in 2.13, warning once per call: not ours to fix
@@ -116,9 +129,12 @@ def plan_run_folder(
 
 
 def check_resumable(meta: dict[str, Any], cfg: PretrainConfig, derived: Derived, ckpt: Path) -> None:
-    """ValueError unless checkpoint `meta` fits this config and launch (generator, world size, ZeRO, bf16)."""
+    """ValueError unless checkpoint `meta` fits this config and launch (generator kind and config, SD
+    folder, world size, ZeRO, bf16)."""
     saved = meta["config"]
-    diffs = config_differences(saved.get("model", {}), to_dict(cfg.model), "model.")
+    # a field the checkpoint predates has its default (model.kind: a checkpoint older than it is a UNet)
+    saved_model = {**to_dict(ModelConfig()), **saved.get("model", {})}
+    diffs = config_differences(saved_model, to_dict(cfg.model), "model.")
     diffs += config_differences(saved.get("diffusion", {}), to_dict(cfg.diffusion), "diffusion.")
     if diffs:
         raise ValueError(
@@ -292,6 +308,95 @@ def ema_update(ema: torch.nn.Module | None, engine: Any, step: int, cfg: Pretrai
         lerp()
 
 
+# --- the generator, by model.kind: `sd` is the frozen-SD ControlNetGenerator (controlnet) or None (unet) ---
+
+
+def build_generator(
+    cfg: PretrainConfig, sd_folder: Path | None, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, Any, ControlNetGenerator | None]:
+    """(trainable module, DDPM training schedule, sd). unet: a fresh UNet2DModel and our schedule.
+    controlnet: the ControlNet + modality tokens and SD's schedule; the frozen SD VAE and UNet are
+    moved to the device in the run's dtype here (DeepSpeed only places what it is given)."""
+    if sd_folder is None:
+        return build_unet(cfg.model), build_noise_scheduler(cfg.diffusion), None
+    from pretrain.controlnet import ControlNetGenerator
+
+    sd = ControlNetGenerator.from_sd15(sd_folder)  # fp32, so the ControlNet starts as an exact copy
+    for frozen in (sd.vae, sd.unet):
+        frozen.to(device)
+        if dtype != torch.float32:  # diffusers warns on any cast: only cast when it changes something
+            frozen.to(dtype=dtype)
+    return sd.branch, sd.scheduler, sd
+
+
+def diffusion_space(
+    sd: ControlNetGenerator | None, image_B3HW: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """x0_BCHW, what the diffusion runs on: the image (unet), or its VAE latents times the VAE's scaling
+    factor, sampled from the latent distribution with `generator` (controlnet), in fp32."""
+    if sd is None:
+        return image_B3HW
+    return sd.encode(image_B3HW, generator).float()
+
+
+def predict(
+    sd: ControlNetGenerator | None,
+    model: Any,
+    noisy_BCHW: torch.Tensor,
+    t_B: torch.Tensor,
+    mask_B1HW: torch.Tensor,
+    fov_B1HW: torch.Tensor,
+    modality_B: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The model's noise or velocity prediction; `model` is the DeepSpeed engine when training and the
+    EMA copy of the trainable module in eval (controlnet: it steers the frozen SD UNet)."""
+    if sd is None:
+        x_in = unet_input(noisy_BCHW, mask_B1HW, fov_B1HW).to(dtype)
+        return model(x_in, t_B, class_labels=modality_B).sample
+    cond_B2HW = torch.cat([mask_B1HW, fov_B1HW], dim=1)
+    return sd(noisy_BCHW, t_B, modality_B, cond_B2HW, branch=model)
+
+
+def generate(
+    sd: ControlNetGenerator | None,
+    ema: Any,
+    scheduler: Any,
+    batch: dict[str, torch.Tensor],
+    cfg: PretrainConfig,
+) -> torch.Tensor:
+    """Images (B x 3 x H x W in [-1, 1], on the CPU) from the EMA weights, seed i for example i."""
+    s, n = cfg.sampling, batch["mask"].shape[0]
+    if sd is None:
+        from pretrain.pipeline import VesselPipeline
+
+        pipe = VesselPipeline(ema, scheduler, s.sampler, s.num_inference_steps, s.guidance_scale)
+        return pipe(batch["mask"], batch["modality"], seeds=list(range(n)), fov_B1HW=batch["fov"]).cpu()
+    gen = sd.with_branch(ema)  # the EMA ControlNet + tokens on the shared frozen SD parts
+    steps, scale = s.num_inference_steps, s.guidance_scale
+    return gen.sample(batch["mask"], batch["modality"], list(range(n)), batch["fov"], steps, scale).cpu()
+
+
+def save_generator_folder(
+    sd: ControlNetGenerator | None, ema: Any, scheduler: Any, folder: Path, info: GeneratorInfo
+) -> None:
+    """generator/ of a checkpoint from the EMA weights: unet: diffusers UNet2DModel + scheduler;
+    controlnet: controlnet/ + modality_tokens.safetensors (the frozen SD stays at model.sd_path)."""
+    if sd is None:
+        save_generator(ema, scheduler, folder, info)
+    else:
+        sd.with_branch(ema).save(folder, info)
+
+
+def ema_weight_files(sd: ControlNetGenerator | None) -> dict[str, str]:
+    """Where the EMA weights lie in generator/, by state-dict prefix (what resume reads back)."""
+    if sd is None:
+        return UNET_WEIGHT_FILES
+    from pretrain.controlnet import WEIGHT_FILES
+
+    return WEIGHT_FILES
+
+
 # --- eval: a fixed batch, a fixed-noise loss, a sample grid ---
 
 
@@ -331,30 +436,37 @@ def fixed_examples(
 
 
 @torch.no_grad()
-def eval_loss(unet: torch.nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], seed: int) -> float:
-    """Loss of `unet` on the eval batch at evenly spaced timesteps, fixed noise: comparable across steps."""
-    device = next(unet.parameters()).device
-    x0_B3HW = batch["image"].to(device)
-    b = x0_B3HW.shape[0]
+def eval_loss(
+    model: torch.nn.Module,
+    scheduler: Any,
+    batch: dict[str, torch.Tensor],
+    seed: int,
+    sd: ControlNetGenerator | None = None,
+) -> float:
+    """Loss of `model` (a UNet; with `sd`, a ControlNetBranch) on the eval batch at evenly spaced
+    timesteps, fixed noise (and fixed latent samples): comparable across steps."""
+    p = next(model.parameters())
+    device = p.device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    noise_B3HW = torch.randn(x0_B3HW.shape, generator=g).to(device)
+    x0_BCHW = diffusion_space(sd, batch["image"].to(device), g)
+    b = x0_BCHW.shape[0]
+    noise_BCHW = torch.randn(x0_BCHW.shape, generator=g).to(device)
     t_B = torch.linspace(0, scheduler.config.num_train_timesteps - 1, b).round().long().to(device)
-    noisy_B3HW = scheduler.add_noise(x0_B3HW, noise_B3HW, t_B)
-    x_in = unet_input(noisy_B3HW, batch["mask"].to(device), batch["fov"].to(device))
-    pred_B3HW = unet(x_in, t_B, class_labels=batch["modality"].to(device)).sample
-    return float(F.mse_loss(pred_B3HW.float(), diffusion_target(scheduler, x0_B3HW, noise_B3HW, t_B).float()))
+    noisy_BCHW = scheduler.add_noise(x0_BCHW, noise_BCHW, t_B)
+    mask_B1HW, fov_B1HW, modality_B = (batch[k].to(device) for k in ("mask", "fov", "modality"))
+    pred_BCHW = predict(sd, model, noisy_BCHW, t_B, mask_B1HW, fov_B1HW, modality_B, p.dtype)
+    return float(F.mse_loss(pred_BCHW.float(), diffusion_target(scheduler, x0_BCHW, noise_BCHW, t_B).float()))
 
 
 def sample_grid(
-    unet: torch.nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], cfg: PretrainConfig
+    model: torch.nn.Module,
+    scheduler: Any,
+    batch: dict[str, torch.Tensor],
+    cfg: PretrainConfig,
+    sd: ControlNetGenerator | None = None,
 ) -> np.ndarray:
     """uint8 H x W x 3 picture: one row per example, mask | generated | real, grouped by modality."""
-    from pretrain.pipeline import VesselPipeline
-
-    s = cfg.sampling
-    pipe = VesselPipeline(unet, scheduler, s.sampler, s.num_inference_steps, s.guidance_scale)  # type: ignore[arg-type]
-    n = batch["mask"].shape[0]
-    generated = pipe(batch["mask"], batch["modality"], seeds=list(range(n)), fov_B1HW=batch["fov"]).cpu()
+    generated = generate(sd, model, scheduler, batch, cfg)
     mask_3 = batch["mask"].expand(-1, 3, -1, -1) * 2 - 1
     rows = torch.cat([mask_3, generated, batch["image"]], dim=3)  # B x 3 x H x 3W
     picture = torch.cat(list(rows), dim=1)  # 3 x BH x 3W
@@ -374,6 +486,7 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
     rank, local_rank, world_size = launch_env()
     derived = derive(cfg, world_size)
     ds_config = deepspeed_config(cfg, derived)
+    sd_folder = check_sd_folder(cfg)  # model.kind controlnet: the frozen SD 1.5 folder; None for unet
     ckpt, meta = plan_run_folder(cfg, derived, resume, overwrite)
     urls, data_hash = check_shards(cfg, hash_files=cfg.data.check_sha256 and local_rank == 0)
 
@@ -396,28 +509,31 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
     log.info(derived.line())
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    unet: Any = build_unet(cfg.model)
-    ema = copy.deepcopy(unet).requires_grad_(False).to(device).eval() if rank == 0 else None
-    noise_scheduler: Any = build_noise_scheduler(cfg.diffusion)
+    # trainable: the UNet, or the ControlNet + modality tokens; sd: the frozen SD parts (None for unet)
+    trainable, noise_scheduler, sd = build_generator(cfg, sd_folder, device, dtype)
+    ema = copy.deepcopy(trainable).requires_grad_(False).to(device).eval() if rank == 0 else None
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        trainable.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    num_params = count_parameters(unet)  # before ZeRO-3 partitions it
+    num_params = count_parameters(trainable)  # before ZeRO-3 partitions it
     engine, _, _, _ = deepspeed.initialize(
-        model=unet, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        model=trainable, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
-    log.info(
-        "UNet %.2fM parameters, %d px, modalities %s + spare slot",
-        num_params / 1e6,
-        cfg.model.image_size_px,
-        ",".join(MODALITIES),
-    )
+    if sd is None:
+        what = f"UNet {num_params / 1e6:.2f}M parameters"
+    else:
+        what = (
+            f"ControlNet + modality tokens {num_params / 1e6:.2f}M trained parameters on frozen SD "
+            f"(UNet {count_parameters(sd.unet) / 1e6:.1f}M, VAE {count_parameters(sd.vae) / 1e6:.1f}M) "
+            f"from {sd_folder}"
+        )
+    log.info("%s, %d px, modalities %s + spare slot", what, cfg.model.image_size_px, ",".join(MODALITIES))
 
     step, started = 0, time.time()
     if ckpt is not None and meta is not None:
-        load_checkpoint(engine, ema, ckpt)
+        load_checkpoint(engine, ema, ckpt, ema_weight_files(sd))
         step = int(meta["step"])
         if meta.get("manifest_hash") != data_hash:
             log.warning(
@@ -431,7 +547,7 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
     info = GeneratorInfo(cfg.model, cfg.diffusion, cfg.sampling, MODALITIES, step)
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
     zero3, accum, width = derived.zero_stage == 3, derived.grad_accum_steps, len(str(cfg.train.max_steps))
-    p_drop, num_t = cfg.diffusion.mask_dropout_prob, cfg.diffusion.num_train_timesteps
+    p_drop, num_t = cfg.diffusion.mask_dropout_prob, noise_scheduler.config.num_train_timesteps
     batch_size = derived.global_batch_size
     # DeepSpeed reports no gradient norm for plain fp32 data parallel: we compute it then
     own_norm = derived.zero_stage == 0 and not derived.bf16
@@ -444,8 +560,8 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
     def evaluate() -> None:
         if rank != 0 or ema is None:
             return
-        loss = eval_loss(ema, noise_scheduler, eval_batch, cfg.train.seed)
-        picture = sample_grid(ema, noise_scheduler, grid_batch, cfg)
+        loss = eval_loss(ema, noise_scheduler, eval_batch, cfg.train.seed, sd)
+        picture = sample_grid(ema, noise_scheduler, grid_batch, cfg, sd)
         Image.fromarray(picture).save(run / "samples" / f"step_{step:07d}.png")
         assert tb is not None
         tb.add_scalar("eval/loss_ema", loss, step)
@@ -476,7 +592,7 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
         info_now = dataclasses.replace(info, step=step)
 
         def write_generator(folder: Path) -> None:  # rank 0, which holds the EMA weights
-            save_generator(ema, noise_scheduler, folder, info_now)
+            save_generator_folder(sd, ema, noise_scheduler, folder, info_now)
 
         folder = save_checkpoint(
             engine, write_generator, run, step, meta_out, cfg.train.keep_last_checkpoints
@@ -496,20 +612,21 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
             tick, lr, step_loss = time.perf_counter(), engine.get_lr()[0], 0.0
             for _ in range(accum):
                 batch = next(batches)
-                x0_B3HW = batch["image"].to(device)
                 mask_B1HW, fov_B1HW = batch["mask"].to(device), batch["fov"].to(device)
                 modality_B = batch["modality"].to(device)
-                b = x0_B3HW.shape[0]
+                # image -> what the diffusion runs on (controlnet: latents of the frozen VAE)
+                x0_BCHW = diffusion_space(sd, batch["image"].to(device), noise_gen)
+                b = x0_BCHW.shape[0]
                 # sample t and noise -> add noise
                 t_B = torch.randint(0, num_t, (b,), generator=noise_gen, device=device)
-                noise_B3HW = torch.randn(x0_B3HW.shape, generator=noise_gen, device=device)
+                noise_BCHW = torch.randn(x0_BCHW.shape, generator=noise_gen, device=device)
                 keep_B = (torch.rand(b, generator=noise_gen, device=device) >= p_drop).float()
-                noisy_B3HW = noise_scheduler.add_noise(x0_B3HW, noise_B3HW, t_B)
-                # forward with mask and modality -> loss
-                x_in = unet_input(noisy_B3HW, mask_B1HW * keep_B[:, None, None, None], fov_B1HW).to(dtype)
-                pred_B3HW = engine(x_in, t_B, class_labels=modality_B).sample
-                target_B3HW = diffusion_target(noise_scheduler, x0_B3HW, noise_B3HW, t_B)
-                loss = F.mse_loss(pred_B3HW.float(), target_B3HW)
+                noisy_BCHW = noise_scheduler.add_noise(x0_BCHW, noise_BCHW, t_B)
+                # forward with mask (dropped where keep_B is 0) and modality -> loss
+                kept_B1HW = mask_B1HW * keep_B[:, None, None, None]
+                pred_BCHW = predict(sd, engine, noisy_BCHW, t_B, kept_B1HW, fov_B1HW, modality_B, dtype)
+                target_BCHW = diffusion_target(noise_scheduler, x0_BCHW, noise_BCHW, t_B)
+                loss = F.mse_loss(pred_BCHW.float(), target_BCHW)
                 mean_loss = loss.detach().clone()
                 dist.all_reduce(mean_loss)  # every rank sees the same value, so all stop together
                 mean_loss_value = float(mean_loss) / world_size

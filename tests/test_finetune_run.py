@@ -255,3 +255,74 @@ def test_tiny_finetune_on_real_images(tmp_path: Path) -> None:
         )
         assert 0.0 <= summary["methods"]["univg"]["dice"]["mean"] <= 1.0
         assert (tmp_path / name / "draw_0" / "synthetic" / "preview.png").is_file()
+
+
+# --- univg_gen: the adapted generator draws the synthetic images, chosen by leave-one-out feedback ---
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data_engine import MODALITIES
+    from pretrain.config import DiffusionConfig, ModelConfig, SamplingConfig
+    from pretrain.model import GeneratorInfo, build_noise_scheduler, build_unet, save_generator
+
+    folder = tmp_path_factory.mktemp("pretrain") / "checkpoints" / "step_0000010" / "generator"
+    model = ModelConfig(image_size_px=32, block_out_channels=(8, 16), norm_num_groups=8, attention_head_dim=8)
+    diffusion = DiffusionConfig()
+    info = GeneratorInfo(model, diffusion, SamplingConfig(num_inference_steps=2), MODALITIES, step=10)
+    save_generator(build_unet(model), build_noise_scheduler(diffusion), folder, info)
+    return folder.parent
+
+
+GEN = [
+    "split.num_draws=1",
+    "split.shots=3",
+    "methods=[univg_gen,baseline]",
+    "generator.adapt.max_steps=4",
+    "generator.adapt.snapshot_steps=[2]",
+    "generator.adapt.batch_size=2",
+    "generator.adapt.crop_side_px=48",
+    "generator.feedback.num_folds=2",
+    "generator.feedback.segmenter_steps=2",
+    "generator.feedback.num_pairs=3",
+    "generator.num_pairs=6",
+]
+
+
+def test_univg_gen_adapts_selects_and_synthesizes(
+    task_csv: Path, tiny_generator: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    summary = run_finetune(task_csv, out, tiny(GEN), progress=False, generator_dir=tiny_generator)
+    gen = out / "draw_0" / "univg_gen"
+    # the adapter (final + the step-2 snapshot), loadable as a pipeline
+    from finetune.generator import load_adapted_pipeline, snapshot_dirs
+
+    assert [step for step, _ in snapshot_dirs(gen / "adapter")] == [2, 4]
+    _pipe, slot = load_adapted_pipeline(gen / "adapter")
+    assert slot == 5  # the spare slot: the task's modality is new to the generator
+    # feedback: 2 adaptation lengths x 2 guidance scales x 2 mixes, each scored on 2 held-out shots
+    selection = json.loads((gen / "selection.json").read_text())
+    assert len(selection["candidates"]) == 8 and len(selection["loo_dice"]) == 8
+    assert len(selection["folds"]) == 2 and selection["chosen"] in selection["candidates"]
+    best = int(np.argmax(selection["loo_dice"]))
+    assert selection["chosen"] == selection["candidates"][best]
+    log = (out / "finetune.log").read_text()
+    assert "leave-one-out Dice" in log and "<- chosen" in log
+    # the chosen mix is what the final segmenter trained with
+    model_cfg = json.loads((gen / "model" / "config.json").read_text())
+    assert model_cfg["segmenter"]["patch"]["synthetic_fraction"] == selection["chosen"]["synthetic_fraction"]
+    # the generated set: shards that verify, and the preview
+    report = verify_corpus(gen / "synthetic", progress=False)
+    assert report.ok and report.num_samples == 6 and (gen / "synthetic" / "preview.png").is_file()
+    assert set(summary["methods"]) == {"univg_gen", "baseline"}
+    assert "| univg_gen |" in (out / "report.md").read_text()
+
+
+def test_univg_gen_needs_a_generator(task_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="needs a pretrained generator"):
+        run_finetune(task_csv, out, tiny(GEN), progress=False)
+    with pytest.raises(ValueError, match="not a univg generator folder"):
+        run_finetune(task_csv, out, tiny(GEN), progress=False, generator_dir=tmp_path)
+    _assert_nothing_written(out)

@@ -548,9 +548,186 @@ def test_controlnet_generator_trains_samples_and_reloads(shards: Path, tmp_path:
 
     image_B3HW = gen.sample(mask_B1HW, modality_B, seeds=[0, 1, 2, 3], num_inference_steps=5)
     assert image_B3HW.shape == (4, 3, 32, 32) and image_B3HW.min() >= -1 and image_B3HW.max() <= 1
+    guided = gen.sample(mask_B1HW, modality_B, seeds=[0, 1, 2, 3], num_inference_steps=5, guidance_scale=3.0)
+    assert guided.shape == image_B3HW.shape and not torch.equal(guided, image_B3HW)
     gen.save(tmp_path / "trained")
     again = ControlNetGenerator.from_sd15(sd, controlnet_folder=tmp_path / "trained")
     with torch.no_grad():
         torch.testing.assert_close(
             again(noisy, t_B, modality_B, cond_B2HW), gen(noisy, t_B, modality_B, cond_B2HW)
         )
+
+
+# --- `univg pretrain` with model.kind: controlnet, on the tiny random "SD 1.5" ---
+
+CN_STEPS = 4  # optimizer steps of the controlnet run, checkpoints every 2
+
+
+def _controlnet_overrides(out: Path, shards: Path, sd: Path, *extra: str) -> list[str]:
+    """tiny.yaml turned into a controlnet run on the tiny SD: its scheduler (scaled_linear, epsilon)."""
+    return [f"out={out}", f"data.shards={shards}", "model.kind=controlnet", f"model.sd_path={sd}",
+            "diffusion.beta_schedule=scaled_linear", "diffusion.prediction_type=epsilon",
+            "data.num_workers=0", "data.shuffle_buffer=16", "train.global_batch_size=4",
+            "train.micro_batch_size=4", "train.log_every_steps=1", "train.eval_every_steps=0",
+            "train.eval_num_samples=4", "sampling.num_inference_steps=2", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sd = tmp_path_factory.mktemp("sd") / "sd15"
+    _tiny_sd15(sd)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(shards: Path, tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """An uninterrupted in-process controlnet run of 4 steps: (run folder, the generator it built)."""
+    from pretrain.controlnet import ControlNetGenerator
+    from pretrain.train import train
+
+    out = tmp_path_factory.mktemp("controlnet") / "run"
+    built: list[Any] = []
+    from_sd15 = ControlNetGenerator.from_sd15.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        built.append(from_sd15(cls, *args, **kwargs))
+        return built[-1]
+
+    launch = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(_free_port())}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in launch.items():
+            mp.setenv(key, value)
+        mp.setattr(ControlNetGenerator, "from_sd15", classmethod(spy))
+        cfg = load_pretrain_config(
+            TINY,
+            _controlnet_overrides(
+                out, shards, tiny_sd, f"train.max_steps={CN_STEPS}", "train.checkpoint_every_steps=2"
+            ),
+        )
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train(cfg)
+        finally:
+            torch.set_num_threads(before)
+    assert len(built) == 1
+    return out, built[0]
+
+
+def test_controlnet_pretrain_trains_only_the_controlnet_and_writes_its_checkpoints(
+    controlnet_run: tuple[Path, Any], tiny_sd: Path
+) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from pretrain.checkpoint import weights_only_loads
+    from pretrain.controlnet import ControlNetGenerator
+    from pretrain.model import load_generator
+
+    run, gen = controlnet_run
+    losses = _rows(run, "loss")
+    assert sorted(losses) == list(range(1, CN_STEPS + 1))
+    assert all(0 < r["loss"] < 10 and r["gnorm"] > 0 for r in losses.values())  # finite, with gradients
+    assert set(_rows(run, "eval_loss")) == {0, CN_STEPS} and (run / "samples" / "step_0000004.png").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["step"]) == ("completed", CN_STEPS)
+    assert "ControlNet + modality tokens" in (run / "train.log").read_text()
+
+    # frozen SD: bit-identical to the folder after training, and never seen by DeepSpeed or the optimizer
+    for part, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        fresh = cls.from_pretrained(str(tiny_sd / part)).state_dict()
+        trained = getattr(gen, part).state_dict()
+        assert fresh.keys() == trained.keys() and all(torch.equal(fresh[k], trained[k]) for k in fresh)
+    ckpt = run / "checkpoints" / "step_0000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    assert {p.name for p in ckpt.iterdir()} == {"generator", "state", "meta.json"}
+    with weights_only_loads():
+        state = torch.load(ckpt / "state" / "ds" / "mp_rank_00_model_states.pt")
+    module = state["module"]
+    assert module and all(k.startswith(("controlnet.", "modality_tokens.")) for k in module)
+    assert module["controlnet.controlnet_mid_block.weight"].abs().max() > 0  # zero-initialised, now trained
+
+    folder = ckpt / "generator"
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert files == {"controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+                     "modality_tokens.safetensors", "univg_generator.json"}  # fmt: skip
+    info = json.loads((folder / "univg_generator.json").read_text())
+    assert (info["kind"], info["sd_path"], info["model"]["kind"], info["step"]) == (
+        "controlnet", str(tiny_sd), "controlnet", CN_STEPS,
+    )  # fmt: skip
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == meta["data_position"]["segment_start_step"] == CN_STEPS
+    with pytest.raises(ValueError, match="holds a controlnet generator"):
+        load_generator(folder)
+    again = ControlNetGenerator.from_pretrained(folder)  # the EMA weights on the SD that sd_path names
+    mask_B1HW = torch.zeros(1, 1, 32, 32)
+    mask_B1HW[..., 12:20, :] = 1
+    image_B3HW = again.sample(mask_B1HW, torch.tensor([5]), seeds=[0], num_inference_steps=2)
+    assert image_B3HW.shape == (1, 3, 32, 32) and bool(torch.isfinite(image_B3HW).all())
+
+
+def test_controlnet_resume_auto_gives_the_uninterrupted_losses_and_refuses_a_unet_config(
+    controlnet_run: tuple[Path, Any], shards: Path, tiny_sd: Path, tmp_path: Path, one_process_env: None
+) -> None:
+    from pretrain.train import train
+
+    reference, _ = controlnet_run
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000004")  # as if killed between the two checkpoints
+    (out / "summary.json").unlink()
+    overrides = _controlnet_overrides(
+        out, shards, tiny_sd, f"train.max_steps={CN_STEPS}", "train.checkpoint_every_steps=2"
+    )
+    as_unet = [o for o in overrides if not o.startswith(("model.kind", "model.sd_path"))]
+    with pytest.raises(ValueError, match=r"another config \(model.kind: 'controlnet' vs 'unet'"):
+        train(load_pretrain_config(TINY, as_unet), resume="auto")
+    train(load_pretrain_config(TINY, overrides), resume="auto")
+    assert f"resumed from {out / 'checkpoints' / 'step_0000002'} at step 2" in (out / "train.log").read_text()
+    want, got = _rows(reference, "loss"), _rows(out, "loss")
+    for s in range(3, CN_STEPS + 1):
+        assert (got[s]["loss"], got[s]["gnorm"], got[s]["lr"]) == (
+            want[s]["loss"],
+            want[s]["gnorm"],
+            want[s]["lr"],
+        )
+    assert _rows(out, "eval_loss")[CN_STEPS] == _rows(reference, "eval_loss")[CN_STEPS]
+
+
+def test_controlnet_config_errors_come_before_any_step(
+    shards: Path, tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    yaml_cfg = load_pretrain_config(ROOT / "configs" / "pretrain" / "controlnet-sd15.yaml")
+    assert (yaml_cfg.model.kind, yaml_cfg.model.image_size_px, yaml_cfg.train.precision) == (
+        "controlnet", 512, "bf16",
+    )  # fmt: skip
+    assert yaml_cfg.train.deepspeed_config.endswith("zero2.json")
+    with pytest.raises(ConfigError, match="model.kind=controlnet needs model.sd_path"):
+        load_pretrain_config(TINY, ["model.kind=controlnet"])
+    with pytest.raises(ConfigError, match="is only read by model.kind=controlnet"):
+        load_pretrain_config(TINY, [f"model.sd_path={tiny_sd}"])
+    with pytest.raises(ConfigError, match="image_size_px=36 must be a positive multiple of 8"):
+        load_pretrain_config(
+            TINY, ["model.kind=controlnet", f"model.sd_path={tiny_sd}", "model.image_size_px=36"]
+        )
+    with pytest.raises(ConfigError, match="DDIM only"):
+        load_pretrain_config(
+            TINY, ["model.kind=controlnet", f"model.sd_path={tiny_sd}", "sampling.sampler=dpm"]
+        )
+
+    def cli(out: Path, sd: Path, *extra: str) -> str:
+        args = _controlnet_overrides(out, shards, sd, *extra)
+        return _cli_error(capsys, ["--config", str(TINY), *args])
+
+    err = cli(tmp_path / "a", tmp_path / "nowhere")
+    assert f"model.sd_path={str(tmp_path / 'nowhere')!r}: no such folder" in err
+    no_vae = tmp_path / "no_vae"
+    shutil.copytree(tiny_sd, no_vae, ignore=shutil.ignore_patterns("vae"))
+    assert "not a diffusers Stable Diffusion folder: vae/config.json is missing" in cli(
+        tmp_path / "b", no_vae
+    )
+    err = cli(tmp_path / "c", tiny_sd, "model.image_size_px=40")  # tiny SD: VAE / 8, UNet / 2
+    assert "model.image_size_px=40 must be a multiple of 16" in err
+    err = cli(tmp_path / "d", tiny_sd, "diffusion.prediction_type=v_prediction")
+    assert "diffusion.prediction_type='v_prediction' but the SD scheduler" in err
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -166,6 +166,18 @@ def _panel(array: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(array, cv2.COLOR_GRAY2BGR) if array.ndim == 2 else array
 
 
+def error_map(pred_HW: np.ndarray, label_HW: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
+    """BGR picture of a prediction's errors (bool masks in): TP white, FP red, FN blue, TN black, outside
+    the FOV dark grey."""
+    errors = np.zeros((*label_HW.shape, 3), np.uint8)
+    if fov is not None:
+        errors[fov == 0] = (40, 40, 40)
+    errors[pred_HW & label_HW] = (255, 255, 255)
+    errors[pred_HW & ~label_HW] = (0, 0, 255)  # BGR red
+    errors[~pred_HW & label_HW] = (255, 0, 0)  # BGR blue
+    return errors
+
+
 def overlay(
     image: np.ndarray,
     label: np.ndarray,
@@ -176,12 +188,7 @@ def overlay(
     """One BGR picture: image | label | prediction (probability map when given) | errors (TP white,
     FP red, FN blue, TN black, outside the FOV dark grey)."""
     label_b, pred_b = label > 0, pred > 0
-    errors = np.zeros((*label_b.shape, 3), np.uint8)
-    if fov is not None:
-        errors[fov == 0] = (40, 40, 40)
-    errors[pred_b & label_b] = (255, 255, 255)
-    errors[pred_b & ~label_b] = (0, 0, 255)  # BGR red
-    errors[~pred_b & label_b] = (255, 0, 0)  # BGR blue
+    errors = error_map(pred_b, label_b, fov)
     shown_pred = np.rint(prob * 255).astype(np.uint8) if prob is not None else pred_b.astype(np.uint8) * 255
     panels = [_panel(image), _panel(label_b.astype(np.uint8) * 255), _panel(shown_pred), errors]
     h, w = label_b.shape

@@ -541,6 +541,9 @@ def _comparison_picture(
     """comparison.png: for the first few scored cases, image | label | each method's error map."""
     import cv2
 
+    from finetune.evaluate import error_map
+    from finetune.synthesis import fit_tile
+
     folders = {m: out / ("full" if m == "full" else f"draw_0/{m}") / "eval" for m in cfg.methods}
     scores = {
         m: {c["case"]: c["dice"] for c in json.loads((f / SUMMARY_FILE).read_text())["per_case"]}
@@ -552,14 +555,14 @@ def _comparison_picture(
     font = cv2.FONT_HERSHEY_SIMPLEX
     for name in split.eval[:num_cases]:
         image, label, fov = loaded[name]
-        tiles = [_fit(image, tile), _fit(label, tile)]
+        tiles = [fit_tile(image, tile), fit_tile(label, tile)]
         cv2.putText(tiles[0], name, (4, 16), font, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
         cv2.putText(tiles[1], "label", (4, 16), font, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
         for method, folder in folders.items():
             pred = cv2.imread(str(folder / PRED_DIR / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
             if pred is None:
                 continue
-            t = _fit(error_map(pred > 0, label > 0, fov), tile)
+            t = fit_tile(error_map(pred > 0, label > 0, fov), tile)
             dice = scores.get(method, {}).get(name)
             text = method if dice is None else f"{method} Dice {dice:.3f}"
             cv2.putText(t, text, (4, 16), font, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
@@ -571,29 +574,6 @@ def _comparison_picture(
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=96) for r in rows]
     cv2.imwrite(str(out / "comparison.png"), np.concatenate(rows, axis=0))
-
-
-def error_map(pred_HW: np.ndarray, label_HW: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
-    """BGR picture of a prediction's errors: TP white, FP red, FN blue, outside the FOV dark grey."""
-    errors = np.zeros((*label_HW.shape, 3), np.uint8)
-    if fov is not None:
-        errors[fov == 0] = (40, 40, 40)
-    errors[pred_HW & label_HW] = (255, 255, 255)
-    errors[pred_HW & ~label_HW] = (0, 0, 255)
-    errors[~pred_HW & label_HW] = (255, 0, 0)
-    return errors
-
-
-def _fit(array: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    bgr = cv2.cvtColor(array, cv2.COLOR_GRAY2BGR) if array.ndim == 2 else array
-    h, w = bgr.shape[:2]
-    f = size / max(h, w)
-    small = cv2.resize(bgr, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-    canvas = np.zeros((size, size, 3), np.uint8)
-    canvas[: small.shape[0], : small.shape[1]] = small
-    return canvas
 
 
 # --- CLI ---

@@ -363,8 +363,8 @@ def preview_samples(
     for sample in samples:
         host = str(sample.meta.get("host"))
         real = host_images.get(host)
-        tiles = [_tile(sample.mask, tile_px), _tile(sample.image, tile_px)]
-        tiles.append(_tile(real, tile_px) if real is not None else np.zeros_like(tiles[0]))
+        tiles = [fit_tile(sample.mask, tile_px), fit_tile(sample.image, tile_px)]
+        tiles.append(fit_tile(real, tile_px) if real is not None else np.zeros_like(tiles[0]))
         label = f"{sample.meta.get('index', '')}: {sample.meta.get('route', '')}"
         if "mask_source" in sample.meta:
             label += f"/{sample.meta['mask_source']}"
@@ -381,7 +381,8 @@ def preview_samples(
     return path
 
 
-def _tile(array: np.ndarray, size: int) -> np.ndarray:
+def fit_tile(array: np.ndarray, size: int) -> np.ndarray:
+    """A size x size BGR tile holding the whole image shrunk to fit (top-left, black around)."""
     bgr = cv2.cvtColor(array, cv2.COLOR_GRAY2BGR) if array.ndim == 2 else array
     h, w = bgr.shape[:2]
     f = size / max(h, w)

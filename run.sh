@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # univg set-up and entry points, for a machine that has only Python 3.10+.
-#   bash run.sh demo   build the tiny corpus and write its preview picture
+#   bash run.sh demo   univg demo: corpus -> pretrain -> few-shot fine-tune at toy scale on a CPU, in runs/demo
+#                      (extra arguments go to univg demo: --out DIR, --overwrite, --resume auto, --quick)
 #   bash run.sh test   lint, type-check and run the test suite
 #   bash run.sh setup  only create .venv and install univg into it
 # Every install goes through constraints.txt (torch==2.13.0 and the rest pinned).
@@ -19,9 +20,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 case "${1:-}" in
   setup) ;;
   demo)
-    univg shards build --config configs/corpus/tiny.yaml --out data/shards/tiny "${@:2}"
-    univg shards preview data/shards/tiny --out data/shards/tiny/preview.png
-    echo "preview picture: data/shards/tiny/preview.png"
+    univg demo "${@:2}"
     ;;
   test)
     ruff check .

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
 
@@ -48,21 +50,40 @@ def run_job(job: tuple[str, int | None, int, str, str, list[str], int]) -> str:
     return f"{run_dir}: {time.perf_counter() - started:.0f} s"
 
 
+def _stats(dice_per_draw: list[float], cldice_per_draw: list[float]) -> dict[str, Any]:
+    def one(values: list[float]) -> dict[str, Any]:
+        return {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values)) if len(values) > 1 else 0.0,
+            "per_draw": values,
+        }
+
+    return {"num_draws": len(dice_per_draw), "dice": one(dice_per_draw), "cldice": one(cldice_per_draw)}
+
+
 def collect(out: Path) -> dict[str, Any]:
-    """Every finished run under out, as {set: {"full": stats, "shots": {k: {method: stats}}}}."""
+    """Every finished evaluation under out, as {set: {"full": stats, "shots": {k: {method: stats}}}}.
+
+    Read from each draw's own eval/summary.json, so a run stopped part-way still counts the draws it
+    finished (n= in the table says how many)."""
     results: dict[str, Any] = {}
     for set_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         entry: dict[str, Any] = {"shots": {}}
-        full = set_dir / "full" / "summary.json"
+        full = set_dir / "full" / "full" / "eval" / "summary.json"
         if full.is_file():
-            entry["full"] = json.loads(full.read_text())["methods"]["full"]
+            m = json.loads(full.read_text())["mean"]
+            entry["full"] = _stats([m["dice"]], [m["cldice"]])
         for run in sorted(set_dir.glob("shots_*")):
-            summary_path = run / "summary.json"
-            if summary_path.is_file():
-                summary = json.loads(summary_path.read_text())
-                entry["shots"][int(run.name.split("_")[1])] = summary["methods"]
-                entry["num_eval_cases"] = summary["num_eval_cases"]
-                entry["segmenter"] = summary["segmenter"]
+            methods: dict[str, Any] = {}
+            for method in ("univg", "univg_gen", "baseline"):
+                evals = [
+                    json.loads(f.read_text())["mean"]
+                    for f in sorted(run.glob(f"draw_*/{method}/eval/summary.json"))
+                ]
+                if evals:
+                    methods[method] = _stats([e["dice"] for e in evals], [e["cldice"] for e in evals])
+            if methods:
+                entry["shots"][int(run.name.split("_")[1])] = methods
         if entry["shots"] or "full" in entry:
             results[set_dir.name] = entry
     return results

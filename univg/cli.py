@@ -5,6 +5,7 @@
     univg pretrain --config configs/pretrain/tiny.yaml [--resume auto] [dotted overrides]
     univg finetune --task my_task/pairs.csv --shots 5 --out runs/my_task [--profile cpu-fast|gpu]
     univg segment --model runs/my_task --images DIR --out DIR;  univg evaluate --pred DIR --task T
+    univg demo [--out runs/demo] [--quick]    # all of it at toy scale on a CPU
 
 Stage modules are imported only when their subcommand runs, so `univg shards ...` never pays for
 torch or DeepSpeed start-up.
@@ -23,6 +24,7 @@ _COMMANDS = {
     "finetune": ("finetune.run", "few-shot segmentation: shots -> synthesis -> segmenters -> report"),
     "segment": ("finetune.segment", "write vessel masks for a folder of images with a trained segmenter"),
     "evaluate": ("finetune.evaluate", "score predictions against a task's labels (summary.json, overlays)"),
+    "demo": ("univg.demo", "the whole pipeline at toy scale on a CPU in minutes, nothing downloaded"),
 }
 
 

@@ -5,8 +5,8 @@
 Builds `--num-samples` pairs of configs/corpus/univg58k.yaml (512 px, the real modality and source mix)
 with the real `build_corpus`, then, in this same run and on the very samples it built (decoded back from
 the shards), times encoding alone with the same number of processes (and with one): the floor a build
-cannot beat. Also prints the worker time split (make / encode / write), peak RSS per worker, and bytes vs
-encode time for PNG levels.
+cannot beat. Also prints the worker time split (make / encode / write), peak RSS per worker, the full
+corpus's time at this rate, and bytes vs encode and decode time for each PNG strategy and level.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from shards.build import build_corpus, format_bytes  # noqa: E402
 from shards.config import load_corpus_config  # noqa: E402
 from shards.inspect import iter_corpus  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
-from shards.schema import decode_sample, encode_sample, iter_samples_bytes  # noqa: E402
+from shards.schema import PNG_STRATEGIES, decode_sample, encode_sample, iter_samples_bytes  # noqa: E402
 
 
 def _init_floor(barrier: Any) -> None:
@@ -44,9 +44,9 @@ def _init_floor(barrier: Any) -> None:
 _BARRIER: Any = None
 
 
-def _encode_share(args: tuple[Path, list[str], int]) -> tuple[int, float]:
+def _encode_share(args: tuple[Path, list[str], int, str]) -> tuple[int, float]:
     """Decode some shards (untimed), wait for the other processes, then time encoding their samples."""
-    folder, names, level = args
+    folder, names, level, strategy = args
     samples = [
         decode_sample(key, members)
         for name in names
@@ -55,7 +55,7 @@ def _encode_share(args: tuple[Path, list[str], int]) -> tuple[int, float]:
     _BARRIER.wait()
     t0 = time.perf_counter()
     for sample in samples:
-        encode_sample(sample, level)
+        encode_sample(sample, level, strategy)
     return len(samples), time.perf_counter() - t0
 
 
@@ -68,17 +68,22 @@ def main() -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="build worker processes")
     parser.add_argument(
-        "--levels", default="0,1,3,6,9", help="PNG levels for the bytes/time table ('' skips)"
+        "--levels", default="0,1,3,6,9", help="zlib levels for the bytes/time table ('' skips)"
+    )
+    parser.add_argument(
+        "--png-strategy", default=None, choices=PNG_STRATEGIES, help="build with this (default: the config's)"
     )
     parser.add_argument("--out", default=None, help="corpus folder to build into (default: a temp folder)")
     args = parser.parse_args()
 
+    full_cfg = load_corpus_config(args.config)
     cfg = load_corpus_config(
         args.config,
         [
             f"name=bench{args.num_samples}",
             f"num_samples={args.num_samples}",
             f"samples_per_shard={args.samples_per_shard}",
+            *([f"png_strategy={args.png_strategy}"] if args.png_strategy else []),
         ],
     )
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_build_"))
@@ -90,7 +95,7 @@ def main() -> int:
     )
     print(
         f"corpus: {cfg.num_samples} pairs at {cfg.engine.image_size_px} px, "
-        f"png level {cfg.png_compression}, {out}"
+        f"png strategy {cfg.png_strategy} level {cfg.png_compression}, {out}"
     )
 
     result = build_corpus(cfg, out, num_workers=args.workers, overwrite=True, progress=False)
@@ -103,7 +108,10 @@ def main() -> int:
     # as many processes as the build had workers (same parallelism, started together), then with one.
     manifest = load_manifest(out)
     names = [r.name for r in manifest.shards]
-    shares = [(out, names[i :: result.num_workers], cfg.png_compression) for i in range(result.num_workers)]
+    shares = [
+        (out, names[i :: result.num_workers], cfg.png_compression, cfg.png_strategy)
+        for i in range(result.num_workers)
+    ]
     ctx = mp.get_context("spawn")
     with ctx.Pool(
         result.num_workers, initializer=_init_floor, initargs=(ctx.Barrier(result.num_workers),)
@@ -116,7 +124,7 @@ def main() -> int:
     samples = [sample for _key, sample, _members in iter_corpus(out, manifest)]
     t0 = time.perf_counter()
     for sample in samples:
-        encode_sample(sample, cfg.png_compression)
+        encode_sample(sample, cfg.png_compression, cfg.png_strategy)
     one_s = (time.perf_counter() - t0) / len(samples)
     w = result.num_workers
 
@@ -153,18 +161,35 @@ def main() -> int:
         f"bytes:        {format_bytes(manifest.num_bytes / manifest.num_samples)}/sample in the tar; "
         f"{len(manifest.shards)} shards; modalities {manifest.modalities}"
     )
+    print(
+        f"full corpus:  {full_cfg.num_samples} pairs at {build_rate:.2f}/s would take "
+        f"{full_cfg.num_samples / build_rate / 60:.1f} min with {w} workers on this machine, as loaded now"
+    )
 
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     if levels:
+        # rle codes levels 1-9 alike (0 stores), so one rle row; rounds alternate to share the load
+        codings = [("zlib", level) for level in levels] + [("rle", 1)]
+        enc_s: dict[tuple[str, int], list[float]] = {c: [] for c in codings}
+        dec_s: dict[tuple[str, int], list[float]] = {c: [] for c in codings}
+        sizes: dict[tuple[str, int], float] = {}
+        for _round in range(2):
+            for strategy, level in codings:
+                t0 = time.perf_counter()
+                encoded = [encode_sample(sample, level, strategy) for sample in samples]
+                enc_s[strategy, level].append((time.perf_counter() - t0) / len(samples))
+                t0 = time.perf_counter()
+                for i, members in enumerate(encoded):
+                    decode_sample(f"x_{i:09d}", members)
+                dec_s[strategy, level].append((time.perf_counter() - t0) / len(samples))
+                sizes[strategy, level] = sum(len(v) for m in encoded for v in m.values()) / len(samples)
         print()
-        print("PNG level | encode ms/sample (1 core) | kB/sample (all members)")
-        for level in levels:
-            t0 = time.perf_counter()
-            num_bytes = 0
-            for sample in samples:
-                num_bytes += sum(len(v) for v in encode_sample(sample, level).values())
-            dt = (time.perf_counter() - t0) / len(samples)
-            print(f"{level:9d} | {1000 * dt:25.1f} | {num_bytes / len(samples) / 1e3:.1f}")
+        print("PNG strategy level | encode ms/sample (one core, best of 2) | decode ms/sample | kB/sample")
+        for strategy, level in codings:
+            print(
+                f"{strategy:>12s} {level:5d} | {1000 * min(enc_s[strategy, level]):38.1f} | "
+                f"{1000 * min(dec_s[strategy, level]):16.1f} | {sizes[strategy, level] / 1e3:.1f}"
+            )
     return 0
 
 

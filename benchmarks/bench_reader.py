@@ -4,8 +4,10 @@
 
 Floor: the image, mask and FOV PNGs of the same samples, already in memory, decoded by
 data_engine.io.decode_png in `--num-workers` plain processes (no tar, shuffle, checks, tensors, collation
-or DataLoader). Reader: make_loader(..., resampled=False) with the same number of workers. They alternate
-over rounds (after one warm-up round) and medians are compared, so both see the same machine load.
+or DataLoader). Reader: make_loader(..., resampled=False) with the same number of workers, once with the
+default float32 output and once with output_dtype="uint8" (the consumer converts on its device with
+to_float_batch; that conversion is timed apart, on this CPU). They alternate over rounds (after one
+warm-up round) and medians are compared, so all see the same machine load.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import time
 from pathlib import Path
 
 import cv2
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_engine.io import decode_png  # noqa: E402
 from shards.manifest import load_manifest  # noqa: E402
-from shards.reader import _new_float_tensor, make_loader  # noqa: E402
+from shards.reader import OUTPUT_DTYPES, _new_tensor, make_loader, to_float_batch  # noqa: E402
 from shards.schema import FOV, IMAGE, MASK, decode_sample, iter_samples_bytes  # noqa: E402
 
 
@@ -43,16 +46,28 @@ def _decode_all(members: list[dict[str, bytes]]) -> float:
     return time.perf_counter() - t0
 
 
-def _fresh_batch_seconds(members: list[dict[str, bytes]], batch_size: int, num_batches: int = 8) -> float:
-    """Seconds per sample to allocate a batch's float32 image/mask/fov in fresh shared memory and write it
-    once: the cost of handing float32 batches from a worker to the main process, on this machine."""
+def _fresh_batch_seconds(
+    members: list[dict[str, bytes]], batch_size: int, dtype: torch.dtype, num_batches: int = 8
+) -> float:
+    """Seconds per sample to allocate a batch's image/mask/fov in fresh shared memory and write it once:
+    the cost of handing such batches from a worker to the main process, on this machine."""
     sample = decode_sample("x_000000000", members[0])
     h, w = sample.mask.shape
     t0 = time.perf_counter()
     for _ in range(num_batches):
         for channels in (3, 1, 1):
-            _new_float_tensor((batch_size, channels, h, w), shared=True).fill_(0.5)
+            _new_tensor((batch_size, channels, h, w), dtype, shared=True).fill_(1)
     return (time.perf_counter() - t0) / (num_batches * batch_size)
+
+
+def _convert_seconds(batch: dict, num_reps: int = 5) -> float:
+    """Seconds per sample for to_float_batch on this CPU (one thread), best of `num_reps`."""
+    best = float("inf")
+    for _ in range(num_reps):
+        t0 = time.perf_counter()
+        to_float_batch(batch)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(batch["key"])
 
 
 def main() -> int:
@@ -79,52 +94,70 @@ def main() -> int:
 
     members = [m for r in manifest.shards for _k, m in iter_samples_bytes((folder / r.name).read_bytes())]
     parts = [members[i :: args.num_workers] for i in range(args.num_workers)]
-    loader = make_loader(
-        str(folder), batch_size=args.batch_size, num_workers=args.num_workers, seed=0, resampled=False
-    )
-    floor_rates, reader_rates = [], []
-    # Floor and reader alternate, round after round, so that both see the same load on a shared machine.
+    torch.set_num_threads(1)
+    loaders = {
+        dtype: make_loader(
+            str(folder),
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            seed=0,
+            resampled=False,
+            output_dtype=dtype,
+        )
+        for dtype in OUTPUT_DTYPES
+    }
+    floor_rates: list[float] = []
+    reader_rates: dict[str, list[float]] = {dtype: [] for dtype in loaders}
+    last_uint8_batch: dict = {}
+    # Floor and readers alternate, round after round, so that all see the same load on a shared machine.
     with mp.get_context("spawn").Pool(args.num_workers) as pool:
         pool.map(_decode_all, [p[:4] for p in parts])  # start-up and imports, untimed
         for r in range(args.rounds + 1):
             t0 = time.perf_counter()
             pool.map(_decode_all, parts)
             floor_rate = len(members) / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            n = sum(len(batch["key"]) for batch in loader)
-            reader_rate = n / (time.perf_counter() - t0)
-            warm = " (warm-up, not counted)" if r == 0 else ""
-            print(
-                f"  round {r}: decode floor {floor_rate:6.1f}/s, reader {reader_rate:6.1f}/s "
-                f"({n} samples){warm}"
-            )
+            line = f"  round {r}: decode floor {floor_rate:6.1f}/s"
+            for dtype, loader in loaders.items():
+                t0 = time.perf_counter()
+                n = 0
+                for batch in loader:
+                    n += len(batch["key"])
+                    if dtype == "uint8" and len(batch["key"]) == args.batch_size:
+                        last_uint8_batch = batch
+                rate = n / (time.perf_counter() - t0)
+                line += f", reader {dtype} {rate:6.1f}/s ({n} samples)"
+                if r > 0:
+                    reader_rates[dtype].append(rate)
+            print(line + (" (warm-up, not counted)" if r == 0 else ""), flush=True)
             if r > 0:
                 floor_rates.append(floor_rate)
-                reader_rates.append(reader_rate)
     one_core = len(members) / _decode_all(members)
-    transport_s = _fresh_batch_seconds(members, args.batch_size)
-    counters = loader.dataset.counters  # type: ignore[attr-defined]
-    floor_rate, reader_rate = statistics.median(floor_rates), statistics.median(reader_rates)
-    best = max(r / f for r, f in zip(reader_rates, floor_rates, strict=True))
+    floor_rate = statistics.median(floor_rates)
     print()
     print(
         f"decode floor: {floor_rate:7.1f} samples/s with {args.num_workers} processes "
-        f"(median of {args.rounds}; "
-        f"{one_core:.1f}/s in one process alone)"
+        f"(median of {args.rounds}; {one_core:.1f}/s in one process alone)"
     )
-    print(
-        f"reader:       {reader_rate:7.1f} samples/s with {args.num_workers} DataLoader workers, batch "
-        f"{args.batch_size} (float32 tensors, checks, shuffle buffer 1000; median)"
-    )
-    print(
-        f"ratio:        reader = {100 * reader_rate / floor_rate:.0f}% of the decode floor "
-        f"(medians; best round "
-        f"{100 * best:.0f}%); bad shards {counters.bad_shards}, bad samples {counters.bad_samples}"
-    )
-    print(
-        f"transport:    allocating and first-touching one sample's float32 outputs in fresh shared memory "
-        f"takes {1000 * transport_s:.1f} ms here, vs {1000 / one_core:.1f} ms to decode it"
-    )
+    for dtype, loader in loaders.items():
+        rate = statistics.median(reader_rates[dtype])
+        best = max(r / f for r, f in zip(reader_rates[dtype], floor_rates, strict=True))
+        counters = loader.dataset.counters  # type: ignore[attr-defined]
+        transport_s = _fresh_batch_seconds(members, args.batch_size, OUTPUT_DTYPES[dtype])
+        print(
+            f"reader {dtype:7s} {rate:7.1f} samples/s with {args.num_workers} DataLoader workers, batch "
+            f"{args.batch_size} (checks, shuffle buffer 1000; median) = {100 * rate / floor_rate:.0f}% of "
+            f"the decode floor (best round {100 * best:.0f}%); bad shards {counters.bad_shards}, bad "
+            f"samples {counters.bad_samples}"
+        )
+        print(
+            f"  transport:  allocating and first-touching one sample's {dtype} outputs in fresh shared "
+            f"memory takes {1000 * transport_s:.2f} ms here, vs {1000 / one_core:.1f} ms to decode it"
+        )
+    if last_uint8_batch:
+        print(
+            f"to_float_batch: {1000 * _convert_seconds(last_uint8_batch):.2f} ms/sample on this CPU (one "
+            "thread, in the consumer; on a GPU it runs there, after a 4x smaller copy)"
+        )
     return 0
 
 

@@ -412,6 +412,9 @@ class FeedbackConfig:
     num_folds: int = 3  # held-out shots scored, each by a segmenter trained on the other shots (count)
     segmenter_steps: int = 200  # optimizer steps of each fold's segmenter (count)
     num_pairs: int = 24  # synthetic pairs per fold and candidate (count)
+    # the shots alone ("none": no synthetic patches) competes too, so generated pairs that hurt the
+    # held-out shots are not used at all
+    allow_real_only: bool = True
 
     def __post_init__(self) -> None:
         if not self.guidance_scales or not self.synthetic_fractions:

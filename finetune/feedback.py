@@ -9,10 +9,12 @@ it, and make the run's synthetic set with that choice.
    synthetic patches per batch) is scored by leave-one-out Dice: for held-out shot k, a short segmenter
    run on the other shots plus pairs that candidate draws for masks recombined from the other shots only,
    scored on shot k. "none" (the other shots alone, same steps) is scored beside them, so the log shows
-   what the choice is worth. No gradient flows from the segmenter into the generator here: the choice
-   is made between trained adapters, not by backpropagating through sampling (GenSeg's released code
-   detaches the synthetic image, which makes its feedback a search of this kind as well). The generator
-   was adapted on every shot, the held-out one included: its image, not its label, leaks into a fold.
+   what the choice is worth, and (feedback.allow_real_only) wins when it beats every candidate: generated
+   pairs that hurt the held-out shots are then not used. No gradient flows from the segmenter into the
+   generator here: the choice is made between trained adapters, not by backpropagating through
+   sampling (GenSeg's released code detaches the synthetic image, which makes its feedback a search of
+   this kind as well). The generator was adapted on every shot, the held-out one included: its image,
+   not its label, leaks into a fold.
 3. Synthesis: `generator.num_pairs` masks from the data engine's recombination of all shots
    (`ShotSynthesizer.mask_sample`), images from the chosen candidate; shards + preview.png
    (mask | synthetic | the real shot the mask was grown on).
@@ -148,12 +150,16 @@ def select_candidate(
             log.info("feedback fold %d/%d (held out %s) done", k + 1, num_folds, names[k])
     mean = scores.mean(axis=0)
     best = int(np.argmax(mean))
+    chosen = candidates[best]
+    real_only = fb.allow_real_only and float(none_scores.mean()) > float(mean[best])
+    if real_only:
+        chosen = {"adapt_step": None, "adapter": None, "guidance_scale": None, "synthetic_fraction": 0.0}
     record.update(
-        chosen=candidates[best],
+        chosen=chosen,
         loo_dice=mean.round(4).tolist(),
         loo_dice_none=float(none_scores.mean()),
         spread=float(mean.max() - mean.min()),
-        reason="highest leave-one-out Dice",
+        reason="the shots alone beat every candidate" if real_only else "highest leave-one-out Dice",
         wall_s=round(time.perf_counter() - started, 1),
     )
     lines = [
@@ -161,14 +167,14 @@ def select_candidate(
         f"  {'adapt step':>10} {'guidance':>8} {'synthetic':>9} {'LOO Dice':>9}",
     ]
     for c, cand in enumerate(candidates):
-        mark = "  <- chosen" if c == best else ""
+        mark = "  <- chosen" if c == best and not real_only else ""
         lines.append(
             f"  {cand['adapt_step']:>10} {cand['guidance_scale']:>8.2f} {cand['synthetic_fraction']:>9.2f} "
             f"{mean[c]:>9.4f}{mark}"
         )
     lines.append(
-        f"  {'none':>10} {'-':>8} {0.0:>9.2f} {none_scores.mean():>9.4f}  (the other shots alone) | "
-        f"best - worst candidate {record['spread']:+.4f}"
+        f"  {'none':>10} {'-':>8} {0.0:>9.2f} {none_scores.mean():>9.4f}  (the other shots alone)"
+        f"{'  <- chosen' if real_only else ''} | best - worst candidate {record['spread']:+.4f}"
     )
     log.info("\n".join(lines))
     return record
@@ -188,9 +194,10 @@ def generator_synthetic_set(
     generator_dir: Path,
     draw: int,
     progress: bool,
-) -> tuple[Path, float, dict[str, Any]]:
+) -> tuple[Path | None, float, dict[str, Any]]:
     """Adapt -> select -> synthesize into folder (adapter/, selection.json, synthetic/); each part is kept
-    when already complete. Returns (synthetic shard folder, chosen synthetic fraction, selection record)."""
+    when already complete. Returns (synthetic shard folder, chosen synthetic fraction, selection record);
+    the folder is None when the feedback chose the shots alone."""
     from finetune.generator import adapt_generator, load_adapted_pipeline, read_adapt_record, snapshot_dirs
     from shards.ingest import write_samples
 
@@ -213,6 +220,9 @@ def generator_synthetic_set(
         tmp.replace(selection_path)
     chosen = selection["chosen"]
     out = folder / "synthetic"
+    if chosen["adapter"] is None:  # the feedback chose the shots alone
+        log.info("draw %d: feedback chose the shots alone: no generated pairs are used", draw)
+        return None, 0.0, selection
     syn_cfg = replace(cfg.synthesis, seed=cfg.synthesis.seed + 1000 * draw)
     config = {"chosen": chosen, "num_pairs": cfg.generator.num_pairs, "synthesis_seed": syn_cfg.seed}
     if not (out / "manifest.json").is_file() or json.loads((out / "manifest.json").read_text())["config"] != {

@@ -390,7 +390,7 @@ def run_finetune(
                         loaded,
                         split.train,
                         split.eval,
-                        _ShardPairs(syn_dir),
+                        None if syn_dir is None else _ShardPairs(syn_dir),
                         gen_dir,
                         {**base_info, "method": "univg_gen", "feedback": selection},
                         progress,

@@ -160,7 +160,7 @@ def _build_shard(shard: int) -> tuple[int, ShardRecord, int, int, dict[str, floa
             t0 = time.perf_counter()
             sample = make_sample(cfg.engine, i)
             t1 = time.perf_counter()
-            members = encode_sample(sample, cfg.png_compression)
+            members = encode_sample(sample, cfg.png_compression, cfg.png_strategy)
             t2 = time.perf_counter()
             writer.add(sample_key(cfg.name, i), members, str(sample.meta["modality"]))
             stage_s["make"] += t1 - t0

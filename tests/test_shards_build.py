@@ -15,11 +15,11 @@ from shards_testdata import flip_bit
 
 from shards.build import build_corpus
 from shards.config import CorpusConfig, load_corpus_config
-from shards.inspect import verify_corpus
+from shards.inspect import iter_corpus, verify_corpus
 from shards.manifest import MANIFEST, load_manifest, merge_slices, record_path, slice_name
 from shards.writer import TMP_MARK, sha256_file, shard_name
 from univg.cli import main
-from univg.config import config_hash
+from univg.config import ConfigError, config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "corpus" / "tiny.yaml"
@@ -90,6 +90,26 @@ def test_another_config_in_the_folder_is_refused_unless_overwrite(reference: Pat
     assert (out / MANIFEST).read_bytes() == (reference / MANIFEST).read_bytes()  # nothing lost
     build_corpus(other, out, overwrite=True, progress=False)
     assert load_manifest(out).config_hash == config_hash(other)
+
+
+def test_png_strategies_build_the_same_pixels_and_a_bad_one_is_a_config_error(
+    reference: Path, tmp_path: Path
+) -> None:
+    old = _cfg("png_strategy=zlib")  # the encoding of shards built before "rle" became the default
+    assert _cfg().png_strategy == "rle" and config_hash(old) != config_hash(_cfg())
+    build_corpus(old, tmp_path, num_workers=1, progress=False)
+    new_samples = list(iter_corpus(reference, load_manifest(reference)))
+    old_samples = list(iter_corpus(tmp_path, load_manifest(tmp_path)))
+    assert [k for k, _s, _m in old_samples] == [k for k, _s, _m in new_samples]
+    for (_k, a, raw_a), (_k2, b, raw_b) in zip(old_samples, new_samples, strict=True):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+        if a.fov is None or b.fov is None:
+            assert a.fov is None and b.fov is None
+        else:
+            assert np.array_equal(a.fov, b.fov)
+        assert raw_a["meta.json"] == raw_b["meta.json"]
+    with pytest.raises(ConfigError, match="png_strategy"):
+        _cfg("png_strategy=lzw")
 
 
 def test_unknown_modality_and_config_key_are_clean_cli_errors(

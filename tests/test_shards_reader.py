@@ -9,7 +9,9 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from shards_testdata import (
@@ -22,9 +24,17 @@ from shards_testdata import (
 )
 
 from data_engine import MODALITIES
+from data_engine.corpus import Sample
 from shards.manifest import MANIFEST
-from shards.reader import CorruptShardWarning, make_dataset, make_loader, shard_urls
-from shards.schema import sample_key
+from shards.reader import (
+    CorruptShardWarning,
+    decode_item,
+    make_dataset,
+    make_loader,
+    shard_urls,
+    to_float_batch,
+)
+from shards.schema import encode_sample, sample_key
 from shards.writer import shard_name
 
 NUM_SAMPLES = 40  # 5 shards of 8
@@ -70,6 +80,64 @@ def test_image_size_px_resizes_and_keeps_masks_binary(corpus: Path) -> None:
     item = next(iter(make_dataset(str(corpus), seed=0, image_size_px=8)))
     assert item["image"].shape == (3, 8, 8) and item["mask"].shape == (1, 8, 8)
     assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_uint8_items_hold_the_stored_values(corpus: Path) -> None:
+    items = {it["key"]: it for it in make_dataset(str(corpus), seed=0, resampled=False, output_dtype="uint8")}
+    assert len(items) == NUM_SAMPLES
+    colour, grey = items[sample_key("hand", 4)], items[sample_key("hand", 3)]
+    for it in (colour, grey):
+        assert it["image"].shape == (3, 16, 16) and it["image"].dtype == torch.uint8
+        assert it["mask"].shape == (1, 16, 16) and it["mask"].dtype == torch.uint8
+        assert it["fov"].shape == (1, 16, 16) and it["fov"].dtype == torch.uint8
+        assert set(it["mask"].unique().tolist()) == {0, 255} and it["modality"].dtype == torch.int64
+    assert colour["image"][:, 0, 0].tolist() == [4, 100, 10]  # stored B=10, G=100, R=4: RGB order
+    assert grey["image"].eq(3).all()  # grey value 3, replicated to three channels
+    assert grey["mask"][0, 3, 2:12].eq(255).all() and int(grey["mask"].sum()) == 10 * 255
+    assert int(grey["fov"].sum()) == 14 * 14 * 255 and colour["fov"].eq(255).all()  # no FOV -> all 255
+    with pytest.raises(ValueError, match="output_dtype"):
+        make_dataset(str(corpus), seed=0, output_dtype="float16")
+
+
+def test_uint8_batches_convert_to_exactly_the_float32_batches(corpus: Path) -> None:
+    def batches(output_dtype: str) -> list[dict[str, Any]]:
+        loader = make_loader(
+            str(corpus),
+            batch_size=4,
+            num_workers=2,
+            seed=3,
+            resampled=False,
+            image_size_px=12,  # resized: interpolated grey values, thresholded masks
+            output_dtype=output_dtype,
+        )
+        return list(loader)
+
+    floats, uint8s = batches("float32"), batches("uint8")
+    assert [b["key"] for b in uint8s] == [b["key"] for b in floats] and len(floats) >= NUM_SAMPLES // 4
+    for f, u in zip(floats, uint8s, strict=True):
+        assert u["image"].dtype == torch.uint8 and u["image"].shape == f["image"].shape == (4, 3, 12, 12)
+        converted = to_float_batch(u, "cpu")
+        assert converted["key"] == f["key"] and torch.equal(converted["modality"], f["modality"])
+        for name in ("image", "mask", "fov"):
+            assert converted[name].dtype == torch.float32
+            assert torch.equal(converted[name], f[name]), name  # bit for bit, not only close
+        assert to_float_batch(f)["image"] is f["image"]  # float32 batches pass through
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_uint8_conversion_is_exact_for_every_pixel_value(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = values if channels == 1 else np.stack([values, values[::-1], values.T], axis=2)
+    mask = np.where(rng.random((16, 16)) < 0.3, np.uint8(255), np.uint8(0))
+    sample = Sample(image=image, mask=mask, fov=mask[::-1].copy(), meta={"modality": "xca"})
+    members = encode_sample(sample, 1, "rle")
+    f = decode_item("c_000000000", members)
+    u = decode_item("c_000000000", members, output_dtype="uint8")
+    converted = to_float_batch(u)
+    for name in ("image", "mask", "fov"):
+        assert torch.equal(converted[name], f[name]), name
+    assert converted["image"].min() == -1.0 and converted["image"].max() == 1.0
 
 
 def test_two_nodes_times_two_workers_see_disjoint_data_covering_the_corpus(corpus: Path) -> None:

@@ -12,11 +12,13 @@ import pytest
 from shards_testdata import hand_sample
 
 from data_engine.corpus import Sample
+from data_engine.io import encode_png
 from shards.schema import (
     FOV,
     IMAGE,
     MASK,
     META,
+    PNG_STRATEGIES,
     SampleError,
     ShardError,
     decode_sample,
@@ -37,16 +39,53 @@ def test_key_is_corpus_and_nine_digit_index_without_dots() -> None:
         key_index("x_17")
 
 
+@pytest.mark.parametrize("strategy", PNG_STRATEGIES)
 @pytest.mark.parametrize("i", [0, 1, 3])  # colour+fov, grey, grey+fov
-def test_encode_decode_round_trip_is_exact(i: int) -> None:
+def test_encode_decode_round_trip_is_exact(i: int, strategy: str) -> None:
     sample = hand_sample(i)
-    members = encode_sample(sample, level=1)
+    members = encode_sample(sample, 1, strategy)
     assert (FOV in members) == (sample.fov is not None)
     back = decode_sample("c_000000000", members)
     assert np.array_equal(back.image, sample.image) and back.image.shape == sample.image.shape
     assert np.array_equal(back.mask, sample.mask) and back.mask.ndim == 2
     assert (back.fov is None) == (sample.fov is None)
     assert back.meta == sample.meta
+
+
+def _textured_sample() -> Sample:
+    """A 64 px colour sample with noise and smooth shading, so that encodings differ in their bytes."""
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
+    image = np.stack([ramp, ramp // 2, 255 - ramp], axis=2) + rng.integers(0, 8, (64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:24, 5:60] = 255
+    fov = np.full((64, 64), 255, np.uint8)
+    fov[:4] = 0
+    return Sample(image=image, mask=mask, fov=fov, meta={"modality": "fundus"})
+
+
+def test_png_strategies_code_the_same_pixels_as_plain_pngs() -> None:
+    from PIL import Image
+
+    sample = _textured_sample()
+    zlib, rle = encode_sample(sample, 1), encode_sample(sample, 1, "rle")
+    # "zlib" (the default) is what every shard before the rle strategy held: encode_png at the level
+    assert zlib[IMAGE] == encode_png(sample.image, 1) and zlib[MASK] == encode_png(sample.mask, 1)
+    assert rle[IMAGE] != zlib[IMAGE] and rle[META] == zlib[META]
+    # under rle, zlib levels 1-9 code alike; the bytes are a pure function of the pixels
+    assert encode_sample(sample, 9, "rle") == rle == encode_sample(sample, 1, "rle")
+    back = decode_sample("c_000000000", rle)
+    assert np.array_equal(back.image, sample.image) and np.array_equal(back.mask, sample.mask)
+    assert back.fov is not None and sample.fov is not None and np.array_equal(back.fov, sample.fov)
+    # stock readers see ordinary 8-bit PNGs (PIL: RGB order, masks in mode L with 0 / 255)
+    with Image.open(io.BytesIO(rle[IMAGE])) as im:
+        assert np.array_equal(np.asarray(im)[:, :, ::-1], sample.image)
+    with Image.open(io.BytesIO(rle[MASK])) as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), sample.mask)
+    with pytest.raises(ValueError, match="strategy"):
+        encode_sample(sample, 1, "lzw")
+    with pytest.raises(ValueError, match="row_filter"):
+        encode_png(sample.mask, 1, rle=True, row_filter="median")
 
 
 def test_meta_json_is_canonical_and_takes_numpy_values() -> None:

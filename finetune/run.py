@@ -296,9 +296,14 @@ def resolve_generator(generator_dir: str | Path | None, cfg: FinetuneConfig) -> 
     from pretrain.model import read_generator_info
 
     try:
-        read_generator_info(path)
+        info = read_generator_info(path)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ValueError(f"--generator {generator_dir}: not a univg generator folder ({e})") from e
+    if info.model.kind != "unet":
+        raise ValueError(
+            f"--generator {generator_dir}: a {info.model.kind} generator; few-shot adaptation (univg_gen) "
+            "supports the pixel-space UNet generator (model.kind: unet) only, so far"
+        )
     return path
 
 

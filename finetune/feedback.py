@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from data_engine.corpus import Sample
 from finetune.config import FinetuneConfig, SegmenterConfig
@@ -120,34 +121,49 @@ def select_candidate(
     num_folds = min(fb.num_folds, len(shots))
     scores = np.zeros((num_folds, len(candidates)))
     none_scores = np.zeros(num_folds)
-    for k in range(num_folds):
-        rest = [s for i, s in enumerate(shots) if i != k]
-        rest_names = [n for i, n in enumerate(names) if i != k]
-        synth = ShotSynthesizer(
-            rest, replace(cfg.synthesis, seed=cfg.synthesis.seed + 7919 * (k + 1)), rest_names
-        )
-        masks = [synth.mask_sample(i) for i in range(fb.num_pairs)]
-        plain = train_segmenter(
-            _short_segmenter(cfg.segmenter, fb.segmenter_steps, 0.0), rest, progress=False
-        )
-        none_scores[k] = _held_out_dice(plain, shots[k])
-        images_by: dict[tuple[str, float], list[np.ndarray]] = {}
-        for c, cand in enumerate(candidates):
-            key = (cand["adapter"], cand["guidance_scale"])
-            if key not in images_by:
-                pipeline, slot = load_adapted_pipeline(cand["adapter"], device=_device())
-                images_by[key] = _generated(
-                    pipeline, slot, masks, cand["guidance_scale"], 1000 * k, cfg, grey, progress=False
-                )
-            pairs = [(img, m[0]) for img, m in zip(images_by[key], masks, strict=True)]
-            seg_cfg = _short_segmenter(cfg.segmenter, fb.segmenter_steps, cand["synthetic_fraction"])
-            segmenter = train_segmenter(seg_cfg, rest, synthetic=pairs, progress=False)
-            scores[k, c] = _held_out_dice(segmenter, shots[k])
-        record["folds"].append(
-            {"held_out": names[k], "none": none_scores[k], "candidates": scores[k].round(4).tolist()}
-        )
-        if progress:
-            log.info("feedback fold %d/%d (held out %s) done", k + 1, num_folds, names[k])
+    # one bar over every short training; their own log lines would bury the table, so they are quieted
+    seg_log = logging.getLogger("finetune.segmenter")
+    level = seg_log.level
+    seg_log.setLevel(logging.WARNING)
+    bar = tqdm(
+        total=num_folds * (len(candidates) + 1),
+        desc="feedback",
+        unit="run",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for k in range(num_folds):
+            rest = [s for i, s in enumerate(shots) if i != k]
+            rest_names = [n for i, n in enumerate(names) if i != k]
+            synth = ShotSynthesizer(
+                rest, replace(cfg.synthesis, seed=cfg.synthesis.seed + 7919 * (k + 1)), rest_names
+            )
+            masks = [synth.mask_sample(i) for i in range(fb.num_pairs)]
+            plain = train_segmenter(
+                _short_segmenter(cfg.segmenter, fb.segmenter_steps, 0.0), rest, progress=False
+            )
+            none_scores[k] = _held_out_dice(plain, shots[k])
+            bar.update(1)
+            images_by: dict[tuple[str, float], list[np.ndarray]] = {}
+            for c, cand in enumerate(candidates):
+                key = (cand["adapter"], cand["guidance_scale"])
+                if key not in images_by:
+                    pipeline, slot = load_adapted_pipeline(cand["adapter"], device=_device())
+                    images_by[key] = _generated(
+                        pipeline, slot, masks, cand["guidance_scale"], 1000 * k, cfg, grey, progress=False
+                    )
+                pairs = [(img, m[0]) for img, m in zip(images_by[key], masks, strict=True)]
+                seg_cfg = _short_segmenter(cfg.segmenter, fb.segmenter_steps, cand["synthetic_fraction"])
+                segmenter = train_segmenter(seg_cfg, rest, synthetic=pairs, progress=False)
+                scores[k, c] = _held_out_dice(segmenter, shots[k])
+                bar.update(1)
+            record["folds"].append(
+                {"held_out": names[k], "none": none_scores[k], "candidates": scores[k].round(4).tolist()}
+            )
+    finally:
+        bar.close()
+        seg_log.setLevel(level)
     mean = scores.mean(axis=0)
     best = int(np.argmax(mean))
     chosen = candidates[best]

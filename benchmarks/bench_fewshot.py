@@ -64,8 +64,8 @@ def _stats(dice_per_draw: list[float], cldice_per_draw: list[float]) -> dict[str
 def collect(out: Path) -> dict[str, Any]:
     """Every finished evaluation under out, as {set: {"full": stats, "shots": {k: {method: stats}}}}.
 
-    Read from each draw's own eval/summary.json, so a run stopped part-way still counts the draws it
-    finished (n= in the table says how many)."""
+    Read from each draw's own eval/summary.json, so a run stopped part-way still counts the draws that
+    every method of it finished (n= in the table says how many)."""
     results: dict[str, Any] = {}
     for set_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         entry: dict[str, Any] = {"shots": {}}
@@ -75,10 +75,17 @@ def collect(out: Path) -> dict[str, Any]:
             entry["full"] = _stats([m["dice"]], [m["cldice"]])
         for run in sorted(set_dir.glob("shots_*")):
             methods: dict[str, Any] = {}
-            for method in ("univg", "univg_gen", "baseline"):
+            done = {
+                m: {f.parts[-4] for f in run.glob(f"draw_*/{m}/eval/summary.json")}
+                for m in ("univg", "univg_gen", "baseline")
+            }
+            present = [m for m in done if done[m]]
+            # methods are compared on the same draws only: those every present method finished
+            draws = sorted(set.intersection(*(done[m] for m in present))) if present else []
+            for method in present:
                 evals = [
-                    json.loads(f.read_text())["mean"]
-                    for f in sorted(run.glob(f"draw_*/{method}/eval/summary.json"))
+                    json.loads((run / d / method / "eval" / "summary.json").read_text())["mean"]
+                    for d in draws
                 ]
                 if evals:
                     methods[method] = _stats([e["dice"] for e in evals], [e["cldice"] for e in evals])

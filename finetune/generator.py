@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import math
-import resource
 import shutil
 import time
 from collections.abc import Sequence
@@ -68,7 +67,7 @@ from pretrain.model import (
     unet_input,
 )
 from pretrain.pipeline import VesselPipeline
-from pretrain.train import eval_loss
+from pretrain.train import eval_loss, peak_memory_gib
 from univg.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -276,12 +275,6 @@ def _accelerator(mixed: str) -> Any:
     if state and state.get("_mixed_precision", mixed) != mixed:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed)
-
-
-def _memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -501,7 +494,7 @@ def _adapt(
                     gnorm,
                     ms,
                     1000 * b / ms,
-                    _memory_gib(device),
+                    peak_memory_gib(device.type),
                 )
                 interval_losses, interval_start = [], time.perf_counter()
     bar.close()

@@ -32,6 +32,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,26 +99,44 @@ def load_cases(task: Task, names: set[str], progress: bool = True) -> dict[str, 
 # --- the run folder ---
 
 
-def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Create the run folder, or check it may be continued (same config) or replaced (--overwrite)."""
+def prepare_run_dir(
+    out: Path,
+    cfg_dict: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    *,
+    kind: str = "univg run",
+    owned: Callable[[Any], bool] | None = None,
+) -> None:
+    """Create the run folder, or check it may be continued (same config) or replaced (--overwrite).
+
+    `owned(config)` says whether the config.yaml found there was written by this kind of run (default:
+    any config.yaml); a folder that is not ours is never deleted nor resumed."""
     config_path = out / CONFIG_FILE
-    if out.exists() and any(out.iterdir()):
+    if resume and overwrite:
+        raise ValueError("--overwrite deletes the run that --resume auto would continue: give one of them")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        previous = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+        ours = config_path.is_file() and (owned is None or owned(previous))
         if overwrite:
-            if not config_path.is_file():
+            if not ours:
                 raise FileExistsError(
-                    f"--out {out} is not empty and holds no {CONFIG_FILE}: not a univg run, so --overwrite "
-                    "will not delete it; choose another --out"
+                    f"--out {out} is not empty and holds no {CONFIG_FILE} of a {kind}: not a {kind}, so "
+                    "--overwrite will not delete it; choose another --out"
                 )
             shutil.rmtree(out)
         elif resume:
-            if not config_path.is_file():
-                raise FileExistsError(f"--resume auto: {out} holds no {CONFIG_FILE}; nothing to resume")
-            previous = yaml.safe_load(config_path.read_text())
+            if not ours:
+                raise FileExistsError(
+                    f"--resume auto: {out} holds no {CONFIG_FILE} of a {kind}; nothing to resume"
+                )
             if previous != cfg_dict:
                 diffs = _differences(previous, cfg_dict)
                 raise ValueError(
                     f"--resume auto: {config_path} differs from this run's config ({'; '.join(diffs[:5])}); "
-                    "use the same settings, or a new --out"
+                    "use the same settings, --overwrite, or a new --out"
                 )
         else:
             raise FileExistsError(

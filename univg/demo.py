@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from data_engine import MODALITIES
 
 if TYPE_CHECKING:
@@ -187,40 +185,16 @@ def make_plan(out: Path, quick: bool) -> Plan:
 
 def prepare_out(plan: Plan, resume: bool, overwrite: bool) -> None:
     """Create --out, or check it may be continued (--resume auto, same config) or replaced (--overwrite)."""
-    out, config_path = plan.out, plan.out / "config.yaml"
-    wanted = plan.to_dict()
-    if resume and overwrite:
-        raise ValueError("--overwrite deletes the run that --resume auto would continue: give one of them")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()):
-        previous = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
-        ours = isinstance(previous, dict) and previous.get("format") == FORMAT
-        if overwrite:
-            if not ours:
-                raise FileExistsError(
-                    f"--out {out} is not empty and is not a univg demo run (no {config_path.name} of format "
-                    f"{FORMAT}), so --overwrite will not delete it; choose another --out"
-                )
-            shutil.rmtree(out)
-        elif resume:
-            if not ours:
-                raise FileExistsError(f"--resume auto: {out} holds no univg demo {config_path.name}")
-            assert isinstance(previous, dict)
-            if previous != wanted:
-                keys = [k for k in sorted(set(wanted) | set(previous)) if wanted.get(k) != previous.get(k)]
-                raise ValueError(
-                    f"--resume auto: {config_path} was written with other settings ({', '.join(keys)} "
-                    "differ; --quick?); use the same ones, --overwrite, or another --out"
-                )
-        else:
-            raise FileExistsError(
-                f"--out {out} already holds a run: pass --resume auto to continue it, --overwrite to "
-                "replace it, or choose another --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    if not config_path.is_file():
-        _write_atomic(config_path, yaml.safe_dump(wanted, sort_keys=False))
+    from finetune.run import prepare_run_dir
+
+    prepare_run_dir(
+        plan.out,
+        plan.to_dict(),
+        resume,
+        overwrite,
+        kind="univg demo run",
+        owned=lambda previous: isinstance(previous, dict) and previous.get("format") == FORMAT,
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -4,6 +4,8 @@ vs full supervision, each with the same segmenter and step budget (`univg finetu
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --jobs 2              # all three sets
     python benchmarks/bench_fewshot.py --sets OCTA500_3M --shots 1,5 --draws 1 --out runs/quick
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --report-only   # tables of finished runs
+    python benchmarks/bench_fewshot.py --out runs/variant --methods univg --skip-full \
+        --baseline-from runs/bench_fewshot segmenter.patch.synthetic_fraction_end=0    # a univg variant only
 
 Reads the sets from ../shared/data (skips those absent). Each (set, shots) is one run folder
 `<out>/<set>/shots_<k>` (methods univg + baseline, --draws draws); full supervision is one run per set,
@@ -28,9 +30,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
 
 
-def run_job(job: tuple[str, int | None, int, str, str, list[str], int]) -> str:
-    """One run folder: full supervision of a set (shots None) or univg + baseline at `shots`."""
-    name, shots, draws, profile, out, overrides, threads = job
+def run_job(job: tuple[str, int | None, int, str, str, list[str], int, str]) -> str:
+    """One run folder: full supervision of a set (shots None) or the few-shot methods at `shots`."""
+    name, shots, draws, profile, out, overrides, threads, methods = job
     import torch
 
     torch.set_num_threads(threads)
@@ -43,7 +45,7 @@ def run_job(job: tuple[str, int | None, int, str, str, list[str], int]) -> str:
         more = ["methods=[full]", "split.num_draws=1", "split.shots=1"]
     else:
         run_dir = Path(out) / name / f"shots_{shots}"
-        more = ["methods=[univg,baseline]", f"split.num_draws={draws}", f"split.shots={shots}"]
+        more = [f"methods=[{methods}]", f"split.num_draws={draws}", f"split.shots={shots}"]
     cfg = load_finetune_config(profile_path(profile), [*overrides, *more])
     started = time.perf_counter()
     run_finetune(task, run_dir, cfg, resume=run_dir.exists(), progress=False)
@@ -61,30 +63,47 @@ def _stats(dice_per_draw: list[float], cldice_per_draw: list[float]) -> dict[str
     return {"num_draws": len(dice_per_draw), "dice": one(dice_per_draw), "cldice": one(cldice_per_draw)}
 
 
-def collect(out: Path) -> dict[str, Any]:
+def _same_split(a: Path, b: Path) -> bool:
+    """Whether two draw folders hold the same split.json (same task, shots and cases)."""
+    keys = ("task", "shots", "train", "eval")
+    sa, sb = (json.loads((d / "split.json").read_text()) for d in (a, b))
+    return all(sa.get(k) == sb.get(k) for k in keys)
+
+
+def collect(out: Path, baseline_from: Path | None = None) -> dict[str, Any]:
     """Every finished evaluation under out, as {set: {"full": stats, "shots": {k: {method: stats}}}}.
 
     Read from each draw's own eval/summary.json, so a run stopped part-way still counts the draws that
-    every method of it finished (n= in the table says how many)."""
+    every method of it finished (n= in the table says how many). With `baseline_from` (an earlier
+    benchmark folder), the baseline and full supervision missing here are taken from there, draw by
+    draw, only where that draw's split.json names the same cases."""
     results: dict[str, Any] = {}
     for set_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         entry: dict[str, Any] = {"shots": {}}
         full = set_dir / "full" / "full" / "eval" / "summary.json"
+        if not full.is_file() and baseline_from is not None:
+            full = baseline_from / set_dir.name / "full" / "full" / "eval" / "summary.json"
         if full.is_file():
             m = json.loads(full.read_text())["mean"]
             entry["full"] = _stats([m["dice"]], [m["cldice"]])
         for run in sorted(set_dir.glob("shots_*")):
             methods: dict[str, Any] = {}
-            done = {
-                m: {f.parts[-4] for f in run.glob(f"draw_*/{m}/eval/summary.json")}
-                for m in ("univg", "univg_gen", "baseline")
-            }
+            where = {m: run for m in ("univg", "univg_gen", "baseline")}
+            done = {m: {f.parts[-4] for f in run.glob(f"draw_*/{m}/eval/summary.json")} for m in where}
+            if not done["baseline"] and baseline_from is not None:
+                other = baseline_from / set_dir.name / run.name
+                where["baseline"] = other
+                done["baseline"] = {
+                    f.parts[-4]
+                    for f in other.glob("draw_*/baseline/eval/summary.json")
+                    if (run / f.parts[-4]).is_dir() and _same_split(run / f.parts[-4], other / f.parts[-4])
+                }
             present = [m for m in done if done[m]]
             # methods are compared on the same draws only: those every present method finished
             draws = sorted(set.intersection(*(done[m] for m in present))) if present else []
             for method in present:
                 evals = [
-                    json.loads((run / d / method / "eval" / "summary.json").read_text())["mean"]
+                    json.loads((where[method] / d / method / "eval" / "summary.json").read_text())["mean"]
                     for d in draws
                 ]
                 if evals:
@@ -162,6 +181,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fewshot"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on cores / jobs threads")
     parser.add_argument("--report-only", action="store_true", help="only tabulate finished runs")
+    parser.add_argument(
+        "--methods", default="univg,baseline", help="few-shot methods to run (comma-separated)"
+    )
+    parser.add_argument("--skip-full", action="store_true", help="do not run full supervision")
+    parser.add_argument(
+        "--baseline-from",
+        type=Path,
+        help="an earlier benchmark folder: its baseline and full runs stand in for the ones not run "
+        "here, on the draws whose split matches (to try a univg variant without rerunning them)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -174,9 +203,10 @@ def main() -> int:
             print(f"skipped {n}: no {DATA / n / 'pairs.csv'}")
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         shot_counts = [int(k) for k in args.shots.split(",")]
-        common = (args.draws, args.profile, str(args.out), args.overrides, threads)
+        common = (args.draws, args.profile, str(args.out), args.overrides, threads, args.methods)
         # full supervision first, then the shot counts in the order given (most wanted first)
-        jobs = [(n, None, *common) for n in sets] + [(n, k, *common) for k in shot_counts for n in sets]
+        jobs = [] if args.skip_full else [(n, None, *common) for n in sets]
+        jobs += [(n, k, *common) for k in shot_counts for n in sets]
         if args.jobs == 1:
             for job in jobs:
                 print(run_job(job), flush=True)
@@ -186,7 +216,7 @@ def main() -> int:
             with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
                 for line in pool.imap_unordered(run_job, jobs):
                     print(line, flush=True)
-    results = collect(args.out)
+    results = collect(args.out, args.baseline_from)
     (args.out / "fewshot.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     (args.out / "fewshot.md").write_text(text + "\n")

@@ -91,6 +91,9 @@ class PatchConfig:
     batch_size: int = 8  # patches per optimizer step on each process (count)
     foreground_fraction: float = 0.33  # share of patches centred on a random vessel pixel (nnU-Net: 0.33)
     synthetic_fraction: float = 0.5  # share of each batch drawn from synthetic pairs, when any are given
+    # synthetic share at the last step (ratio); None keeps synthetic_fraction throughout. Between the two
+    # it moves linearly with the step, so a decay to 0 ends training on the real shots alone
+    synthetic_fraction_end: float | None = None
     synthetic_pool_size: int = 256  # synthetic pairs held in memory at once (count); oldest replaced first
     synthetic_refresh_per_step: int = 1  # new synthetic pairs pulled from the source per step (count)
 
@@ -103,12 +106,22 @@ class PatchConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"patch.{name}={value} must be in [0, 1]")
+        end = self.synthetic_fraction_end
+        if end is not None and not 0.0 <= end <= 1.0:
+            raise ValueError(f"patch.synthetic_fraction_end={end} must be in [0, 1] (or null for constant)")
         if self.synthetic_pool_size < 1:
             raise ValueError(f"patch.synthetic_pool_size={self.synthetic_pool_size} must be >= 1")
         if self.synthetic_refresh_per_step < 0:
             raise ValueError(
                 f"patch.synthetic_refresh_per_step={self.synthetic_refresh_per_step} must be >= 0"
             )
+
+    def synthetic_share(self, step: int, max_steps: int) -> float:
+        """Share of the batch that is synthetic at `step` (0-based) of `max_steps`."""
+        if self.synthetic_fraction_end is None or max_steps <= 1:
+            return self.synthetic_fraction
+        t = min(max(step / (max_steps - 1), 0.0), 1.0)
+        return self.synthetic_fraction + (self.synthetic_fraction_end - self.synthetic_fraction) * t
 
 
 @dataclass(frozen=True)

@@ -387,8 +387,9 @@ def train_segmenter(
 ) -> Segmenter:
     """Train one segmenter on real cases and (optionally) synthetic pairs; save it to model_dir if given.
 
-    Each batch holds round(batch_size * synthetic_fraction) synthetic patches when synthetic pairs are
-    given (all of them when there are no real cases), the rest real. The threshold is then tuned on the
+    Each batch holds round(batch_size * share) synthetic patches when synthetic pairs are given (all of
+    them when there are no real cases), the rest real; the share is patch.synthetic_fraction, moving
+    linearly to patch.synthetic_fraction_end by the last step when that is set. The threshold is then tuned on the
     real training cases (infer.tune_threshold). Runs on whatever `accelerate` sets up: CPU, one GPU, or
     several processes under `accelerate launch` (batch_size is per process).
     """
@@ -416,10 +417,17 @@ def train_segmenter(
                 "train_segmenter: the synthetic source gave no pairs and there are no real cases"
             )
     batch = cfg.patch.batch_size
-    num_synthetic = 0
-    if len(synthetic_pool):
-        num_synthetic = batch if len(real_pool) == 0 else round(batch * cfg.patch.synthetic_fraction)
+
+    def synthetic_in_batch(at_step: int) -> int:
+        if not len(synthetic_pool):
+            return 0
+        if len(real_pool) == 0:
+            return batch
+        return round(batch * cfg.patch.synthetic_share(at_step, cfg.optim.max_steps))
+
+    num_synthetic = synthetic_in_batch(0)
     num_real = batch - num_synthetic
+    num_synthetic_last = synthetic_in_batch(cfg.optim.max_steps - 1)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     network = build_network(cfg.net)
@@ -431,7 +439,7 @@ def train_segmenter(
     if main:
         log.info(
             "segmenter %s: %.2fM parameters | %d real cases, %d synthetic in pool | patch %d px | "
-            "batch %d per process (%d real + %d synthetic) x %d processes = %d | %d steps | %s | "
+            "batch %d per process (%d real + %d synthetic%s) x %d processes = %d | %d steps | %s | "
             "mixed precision %s",
             cfg.net.arch,
             num_params / 1e6,
@@ -441,6 +449,7 @@ def train_segmenter(
             batch,
             num_real,
             num_synthetic,
+            "" if num_synthetic_last == num_synthetic else f", going to {num_synthetic_last} by the last step",
             accelerator.num_processes,
             batch * accelerator.num_processes,
             cfg.optim.max_steps,
@@ -450,6 +459,7 @@ def train_segmenter(
 
     history: list[dict[str, float]] = []
     step = 0
+    synthetic_patches = 0
     interval_losses: list[float] = []
     interval_start = time.perf_counter()
     network.train()
@@ -462,7 +472,10 @@ def train_segmenter(
     )
     with logging_redirect_tqdm():
         while step < cfg.optim.max_steps:
-            # data: real and synthetic patches, mixed in one batch
+            # data: real and synthetic patches, mixed in one batch (the share may follow a schedule)
+            num_synthetic = synthetic_in_batch(step)
+            num_real = batch - num_synthetic
+            synthetic_patches += num_synthetic
             parts = []
             if num_real:
                 parts.append(
@@ -550,7 +563,8 @@ def train_segmenter(
         "steps": step,
         "num_real_cases": len(real_pool),
         "num_synthetic_pairs_seen": synthetic_pool.num_added,
-        "batch_real_synthetic": [num_real, num_synthetic],
+        "batch_real_synthetic": [batch - synthetic_in_batch(0), synthetic_in_batch(0)],  # at the first step
+        "synthetic_patches": synthetic_patches,  # per process, over the whole training (count)
         "num_processes": accelerator.num_processes,
         "num_parameters": num_params,
         "final_loss": history[-1]["loss"],

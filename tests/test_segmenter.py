@@ -199,6 +199,22 @@ def test_synthetic_only_and_streamed_synthetic_pairs() -> None:
     assert seg.record["num_synthetic_pairs_seen"] == 3 + 4
 
 
+def test_synthetic_share_follows_its_schedule() -> None:
+    patch = PatchConfig(batch_size=4, synthetic_fraction=0.5, synthetic_fraction_end=0.0)
+    assert [patch.synthetic_share(s, 5) for s in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
+    assert PatchConfig(synthetic_fraction=0.3).synthetic_share(7, 10) == 0.3  # no end: constant
+    with pytest.raises(ValueError, match="synthetic_fraction_end"):
+        PatchConfig(synthetic_fraction_end=1.5)
+    rng = np.random.default_rng(4)
+    pairs = [vessel_pair(rng, 30, 30, colour=True) for _ in range(3)]
+    # batch 4 over 5 steps: round(4 x share) = 2, 2, 1, 0, 0 synthetic patches (round half to even)
+    cfg = tiny_config("unet", steps=5, synthetic_fraction=0.5, synthetic_fraction_end=0.0)
+    seg = train_segmenter(cfg, real_cases(1), synthetic=pairs, progress=False)
+    assert seg.record["synthetic_patches"] == 5 and seg.record["batch_real_synthetic"] == [2, 2]
+    constant = train_segmenter(tiny_config("unet", steps=5), real_cases(1), synthetic=pairs, progress=False)
+    assert constant.record["synthetic_patches"] == 10
+
+
 def test_choose_threshold_by_hand() -> None:
     # label 1 on the left pixels; probabilities 0.3 and 0.7 on vessel, 0.2 and 0.6 on background
     prob = np.array([[0.3, 0.2], [0.7, 0.6]])

@@ -205,7 +205,9 @@ def main() -> int:
         shot_counts = [int(k) for k in args.shots.split(",")]
         common = (args.draws, args.profile, str(args.out), args.overrides, threads, args.methods)
         # full supervision first, then the shot counts in the order given (most wanted first)
-        jobs = [] if args.skip_full else [(n, None, *common) for n in sets]
+        jobs: list[tuple[str, int | None, int, str, str, list[str], int, str]] = []
+        if not args.skip_full:
+            jobs += [(n, None, *common) for n in sets]
         jobs += [(n, k, *common) for k in shot_counts for n in sets]
         if args.jobs == 1:
             for job in jobs:

@@ -216,6 +216,9 @@ class InferConfig:
     blend: Literal["gaussian", "constant"] = "gaussian"  # how overlapping windows are averaged
     threshold: float = 0.5  # probability above which a pixel is vessel, unless tuned
     tune_threshold: bool = True  # pick the threshold that maximises Dice on the training shots (never test)
+    # test-time mirroring (nnU-Net's): average the probabilities of the image and its horizontal, vertical
+    # and double flips; 4x the inference time
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         if self.window_size_px < 0:

@@ -175,18 +175,27 @@ class Segmenter:
                 enabled=dtype is not None and self.device.type == "cuda",
             ),
         ):
-            logits_11HW = sliding_window_inference(
-                x_13HW,
-                roi_size=(window, window),
-                sw_batch_size=self.cfg.infer.window_batch_size,
-                predictor=self.network,
-                overlap=self.cfg.infer.overlap,
-                mode=self.cfg.infer.blend,
-                padding_mode="constant",
-                cval=0.0,  # the normalised image mean, as training patches are padded
-            )
-        assert isinstance(logits_11HW, torch.Tensor)
-        prob_HW = torch.sigmoid(logits_11HW.float())[0, 0].cpu().numpy()
+            flips: list[tuple[int, ...]] = [()]
+            if self.cfg.infer.flip_tta:
+                flips += [(3,), (2,), (2, 3)]  # horizontal, vertical, both
+            prob_11HW = torch.zeros_like(x_13HW[:, :1], dtype=torch.float32)
+            for dims in flips:
+                x = torch.flip(x_13HW, dims) if dims else x_13HW
+                logits_11HW = sliding_window_inference(
+                    x,
+                    roi_size=(window, window),
+                    sw_batch_size=self.cfg.infer.window_batch_size,
+                    predictor=self.network,
+                    overlap=self.cfg.infer.overlap,
+                    mode=self.cfg.infer.blend,
+                    padding_mode="constant",
+                    cval=0.0,  # the normalised image mean, as training patches are padded
+                )
+                assert isinstance(logits_11HW, torch.Tensor)
+                prob = torch.sigmoid(logits_11HW.float())
+                prob_11HW += torch.flip(prob, dims) if dims else prob
+            prob_11HW /= len(flips)
+        prob_HW = prob_11HW[0, 0].cpu().numpy()
         if prob_HW.shape != image.shape[:2]:
             prob_HW = cv2.resize(prob_HW, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
         return np.clip(prob_HW, 0.0, 1.0).astype(np.float32)
@@ -389,9 +398,9 @@ def train_segmenter(
 
     Each batch holds round(batch_size * share) synthetic patches when synthetic pairs are given (all of
     them when there are no real cases), the rest real; the share is patch.synthetic_fraction, moving
-    linearly to patch.synthetic_fraction_end by the last step when that is set. The threshold is then tuned on the
-    real training cases (infer.tune_threshold). Runs on whatever `accelerate` sets up: CPU, one GPU, or
-    several processes under `accelerate launch` (batch_size is per process).
+    linearly to patch.synthetic_fraction_end by the last step when that is set. The threshold is then
+    tuned on the real training cases (infer.tune_threshold). Runs on whatever `accelerate` sets up: CPU,
+    one GPU, or several processes under `accelerate launch` (batch_size is per process).
     """
     if not real_cases and synthetic is None:
         raise ValueError("train_segmenter: no training data (no real cases and no synthetic pairs)")
@@ -449,7 +458,7 @@ def train_segmenter(
             batch,
             num_real,
             num_synthetic,
-            "" if num_synthetic_last == num_synthetic else f", going to {num_synthetic_last} by the last step",
+            "" if num_synthetic_last == num_synthetic else f", {num_synthetic_last} by the last step",
             accelerator.num_processes,
             batch * accelerator.num_processes,
             cfg.optim.max_steps,

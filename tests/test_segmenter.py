@@ -215,6 +215,28 @@ def test_synthetic_share_follows_its_schedule() -> None:
     assert constant.record["synthetic_patches"] == 10
 
 
+def test_flip_tta_averages_the_mirrored_predictions() -> None:
+    from dataclasses import replace
+
+    image, _mask, _ = real_cases(1)[0]
+    cfg = tiny_config("unet", steps=3)
+    plain = train_segmenter(cfg, real_cases(1), progress=False)
+    mirrored = Segmenter(plain.network, replace(cfg, infer=replace(cfg.infer, flip_tta=True)))
+    expected = np.mean(
+        [
+            plain.predict_proba(image),
+            plain.predict_proba(image[:, ::-1].copy())[:, ::-1],
+            plain.predict_proba(image[::-1].copy())[::-1],
+            plain.predict_proba(image[::-1, ::-1].copy())[::-1, ::-1],
+        ],
+        axis=0,
+    )
+    got = mirrored.predict_proba(image)
+    assert got.shape == image.shape[:2]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, plain.predict_proba(image), atol=1e-4)  # the network is not mirror-symmetric
+
+
 def test_choose_threshold_by_hand() -> None:
     # label 1 on the left pixels; probabilities 0.3 and 0.7 on vessel, 0.2 and 0.6 on background
     prob = np.array([[0.3, 0.2], [0.7, 0.6]])

@@ -1,0 +1,128 @@
+"""Test-time mirroring on trained few-shot segmenters: the same saved models, scored without and with
+`infer.flip_tta` (probabilities averaged over the image and its three flips), the threshold chosen again on
+each model's own training cases for the mirrored prediction (never on test labels).
+
+    python benchmarks/bench_tta.py --runs runs/bench_fewshot --shots 5
+
+Reads run folders that benchmarks/bench_fewshot.py wrote (`<runs>/<set>/shots_<k>/draw_<d>/<method>/model`
+and `<runs>/<set>/full/full/model`) and the sets from ../shared/data. Prints a table of Dice (test split,
+inside the FOV) per set and method, mean over the draws, plain vs mirrored, and writes it to
+`<runs>/tta.md`. The plain column re-scores the saved model as it was, so it must equal the run's own
+summary (checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+
+from data_engine.ingest import Task, load_case, read_task  # noqa: E402
+from finetune.metrics import case_metrics  # noqa: E402
+from finetune.segmenter import Segmenter, choose_threshold  # noqa: E402
+
+
+def score(model_dir: Path, task: Task, train: list[str], test: list[str], cache: dict) -> dict[str, float]:
+    """Dice without and with mirroring for one saved model (mean over the test cases)."""
+    seg = Segmenter.load(model_dir)
+    mirrored = Segmenter(
+        seg.network, replace(seg.cfg, infer=replace(seg.cfg.infer, flip_tta=True)), seg.threshold, seg.record
+    )
+
+    def case(name: str):
+        if name not in cache:
+            cache[name] = load_case(task_by_name[name])
+        return cache[name]
+
+    task_by_name = {c.name: c for c in task.cases}
+    probs, labels, fovs = [], [], []
+    for name in train:
+        image, label, fov = case(name)
+        probs.append(mirrored.predict_proba(image))
+        labels.append(label)
+        fovs.append(fov)
+    mirrored.threshold, _ = choose_threshold(probs, labels, fovs)
+    plain_dice: list[float] = []
+    tta_dice: list[float] = []
+    for name in test:
+        image, label, fov = case(name)
+        prob = seg.predict_proba(image)
+        plain_dice.append(float(case_metrics(prob > seg.threshold, label, fov, None)["dice"] or 0.0))
+        prob = mirrored.predict_proba(image)
+        tta_dice.append(float(case_metrics(prob > mirrored.threshold, label, fov, None)["dice"] or 0.0))
+    return {
+        "plain": float(np.mean(plain_dice)),
+        "tta": float(np.mean(tta_dice)),
+        "threshold_plain": seg.threshold,
+        "threshold_tta": mirrored.threshold,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench_fewshot"))
+    parser.add_argument("--shots", default="5", help="comma-separated shot counts")
+    parser.add_argument("--sets", default="CHASE_DB1,CIMAT_XCA80,OCTA500_3M")
+    parser.add_argument("--methods", default="univg,baseline")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"skipped: no real data in {DATA}")
+        return 0
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    results: dict = {}
+    for name in args.sets.split(","):
+        task = read_task(DATA / name / "pairs.csv")
+        cache: dict = {}
+        jobs: list[tuple[str, Path]] = []  # (label, method folder)
+        full = args.runs / name / "full" / "full"
+        if (full / "eval" / "summary.json").is_file():
+            jobs.append(("full", full))
+        for k in args.shots.split(","):
+            for draw in sorted((args.runs / name / f"shots_{k}").glob("draw_*")):
+                for method in args.methods.split(","):
+                    if (draw / method / "eval" / "summary.json").is_file():
+                        jobs.append((f"{method} {k}-shot", draw / method))
+        for label, folder in jobs:
+            started = time.perf_counter()
+            summary = json.loads((folder / "eval" / "summary.json").read_text())
+            test = [c["case"] for c in summary["per_case"]]
+            got = score(folder / "model", task, summary["train_cases"], test, cache)
+            if abs(got["plain"] - summary["mean"]["dice"]) > 1e-6:
+                have = summary["mean"]["dice"]
+                raise RuntimeError(f"{folder}: plain re-score {got['plain']} != its summary's {have}")
+            results.setdefault(name, {}).setdefault(label, []).append(got)
+            seconds = time.perf_counter() - started
+            print(
+                f"{name} {label} {folder.parent.name}: plain {got['plain']:.4f} (t={got['threshold_plain']}) "
+                f"mirrored {got['tta']:.4f} (t={got['threshold_tta']}) | {seconds:.0f} s",
+                flush=True,
+            )
+    lines = ["| set | model | n | Dice plain | Dice mirrored | change |", "|---|---|---|---|---|---|"]
+    for name, by_label in results.items():
+        for label, runs in by_label.items():
+            plain = float(np.mean([r["plain"] for r in runs]))
+            tta = float(np.mean([r["tta"] for r in runs]))
+            lines.append(f"| {name} | {label} | {len(runs)} | {plain:.4f} | {tta:.4f} | {tta - plain:+.4f} |")
+    rows = "\n".join(lines)
+    (args.runs / "tta.md").write_text(rows + "\n")
+    print(rows)
+    command = " ".join(["python", "benchmarks/bench_tta.py", *sys.argv[1:]])
+    print(f"\nmachine: {platform.machine()} | command: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -491,6 +491,10 @@ class FinetuneConfig:
     # synthesis), univg_gen (shots + images from the generator adapted to them; needs --generator),
     # baseline (the same shots, standard augmentation only), full (every label of the pool, once)
     methods: tuple[Method, ...] = ("univg", "baseline", "full")
+    # A segmenter folder (`univg segmenter-pretrain` on the engine corpus) whose weights univg and univg_gen
+    # start from; "" = from scratch. The baseline and full supervision always start from scratch (they are
+    # the references), so the gain it brings shows in the univg columns.
+    pretrained_segmenter: str = ""
     overlays: bool = True  # write overlay pictures of every scored case
     max_eval_cases: int = 0  # score only the first N eval cases (count; 0 = all): quick looks, not results
 

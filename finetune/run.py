@@ -199,8 +199,10 @@ def train_and_evaluate(
     folder: Path,
     info: dict[str, Any],
     progress: bool,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary."""
+    """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
+    `init_from`: a segmenter folder whose weights the training starts from."""
     import cv2
 
     from finetune.evaluate import evaluate_cases
@@ -216,7 +218,9 @@ def train_and_evaluate(
         log.info("%s: segmenter loaded from %s", folder.name, model_dir)
     else:
         real = [loaded[n] for n in train_names]
-        segmenter = train_segmenter(cfg.segmenter, real, synthetic=synthetic, progress=progress)
+        segmenter = train_segmenter(
+            cfg.segmenter, real, synthetic=synthetic, progress=progress, init_from=init_from
+        )
         segmenter.save(model_dir)
     by_name = {c.name: c for c in task.cases}
     cases: list[Case] = [by_name[n] for n in eval_names]
@@ -236,6 +240,7 @@ def train_and_evaluate(
         "predictions": str(pred_dir),
         "threshold": segmenter.threshold,
         "threshold_source": segmenter.record.get("threshold_source"),
+        "initial_weights": None if init_from is None else str(init_from),
         "train_cases": train_names,
         "train_wall_s": segmenter.record.get("wall_s"),
     }
@@ -342,6 +347,12 @@ def run_finetune(
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
     generator = resolve_generator(generator_dir, cfg)
+    init = None
+    if cfg.pretrained_segmenter and {"univg", "univg_gen"} & set(cfg.methods):
+        from finetune.segmenter import load_initial_weights
+
+        init = Path(cfg.pretrained_segmenter).resolve()
+        load_initial_weights(init, cfg.segmenter)  # readable, and the same network: checked before any write
     task = read_task(task_path)
     splits = plan_splits(task, task_path, cfg, cases)
     needed = {n for s in splits for n in s.train + s.eval}
@@ -396,6 +407,7 @@ def run_finetune(
                         draw_dir / "univg",
                         {**base_info, "method": "univg"},
                         progress,
+                        init,
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -418,6 +430,7 @@ def run_finetune(
                         gen_dir,
                         {**base_info, "method": "univg_gen", "feedback": selection},
                         progress,
+                        init,
                     )
                 )
             if "baseline" in cfg.methods:

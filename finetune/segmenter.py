@@ -379,6 +379,17 @@ class _SyntheticFeed:
         self.pulled_this_pass += 1
 
 
+def load_initial_weights(model_dir: str | Path, cfg: SegmenterConfig) -> Segmenter:
+    """The segmenter in model_dir, checked to have cfg's network (ValueError naming what differs)."""
+    start = Segmenter.load(model_dir, device="cpu")
+    if start.cfg.net != cfg.net:
+        raise ValueError(
+            f"{model_dir}: its network {to_dict(start.cfg.net)} is not this run's {to_dict(cfg.net)}; "
+            "pretrain with the same profile's segmenter.net"
+        )
+    return start
+
+
 def _memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -393,6 +404,7 @@ def train_segmenter(
     model_dir: str | Path | None = None,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> Segmenter:
     """Train one segmenter on real cases and (optionally) synthetic pairs; save it to model_dir if given.
 
@@ -400,7 +412,8 @@ def train_segmenter(
     them when there are no real cases), the rest real; the share is patch.synthetic_fraction, moving
     linearly to patch.synthetic_fraction_end by the last step when that is set. The threshold is then
     tuned on the real training cases (infer.tune_threshold). Runs on whatever `accelerate` sets up: CPU,
-    one GPU, or several processes under `accelerate launch` (batch_size is per process).
+    one GPU, or several processes under `accelerate launch` (batch_size is per process). `init_from`: a
+    segmenter folder with the same network config whose weights training starts from.
     """
     if not real_cases and synthetic is None:
         raise ValueError("train_segmenter: no training data (no real cases and no synthetic pairs)")
@@ -440,6 +453,9 @@ def train_segmenter(
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     network = build_network(cfg.net)
+    if init_from is not None:
+        start = load_initial_weights(init_from, cfg)
+        network.load_state_dict(start.network.state_dict())
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     network, optimizer = accelerator.prepare(network, optimizer)
     loss_fn = SegmentationLoss(cfg.loss)

@@ -22,6 +22,10 @@ _COMMANDS = {
     "shards": ("shards.cli", "build, verify, preview, inspect and merge WebDataset shard corpora"),
     "pretrain": ("pretrain.cli", "train the mask- and modality-conditioned diffusion generator (DeepSpeed)"),
     "finetune": ("finetune.run", "few-shot segmentation: shots -> synthesis -> segmenters -> report"),
+    "segmenter-pretrain": (
+        "finetune.pretrain_segmenter",
+        "pretrain a segmenter on a shard corpus, as the starting point of few-shot runs",
+    ),
     "segment": ("finetune.segment", "write vessel masks for a folder of images with a trained segmenter"),
     "evaluate": ("finetune.evaluate", "score predictions against a task's labels (summary.json, overlays)"),
     "demo": ("univg.demo", "the whole pipeline at toy scale on a CPU in minutes, nothing downloaded"),

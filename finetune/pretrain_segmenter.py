@@ -1,0 +1,112 @@
+"""Pretrain a segmenter on a shard corpus (the engine's synthetic pairs of every modality), so that few-shot
+runs can start from its weights (`pretrained_segmenter` in a fine-tuning config) instead of from scratch.
+
+    univg segmenter-pretrain --shards data/shards/univg58k --out runs/segmenter_univg58k --steps 6000
+
+The segmenter section of the fine-tuning profile (`--profile`, default cpu-fast) sets the network, patches,
+augmentation, loss and optimizer; `--steps` its length. Pairs stream from the shards in a seeded random
+shard order through the segmenter's ring pool (patch.synthetic_pool_size pairs in memory, refreshed every
+step). Writes `<out>/model` (a segmenter folder `univg segment` also reads), `<out>/config.yaml` and
+`<out>/pretrain.log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from finetune.config import FinetuneConfig, load_finetune_config
+from univg.config import to_dict
+
+log = logging.getLogger("univg.segmenter_pretrain")
+
+
+def corpus_pairs(folder: str | Path, seed: int, modalities: set[str] | None = None) -> Iterator[tuple]:
+    """(image, mask) pairs of a shard corpus, shard order shuffled by `seed` and repeated without end."""
+    from shards.manifest import load_manifest
+    from shards.schema import decode_sample, iter_samples_bytes
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if modalities is not None:
+        unknown = modalities - set(manifest.modalities)
+        if unknown:
+            raise ValueError(
+                f"{folder}: no samples of modality {sorted(unknown)}; it holds {sorted(manifest.modalities)}"
+            )
+    rng = np.random.default_rng(seed)
+    while True:
+        for i in rng.permutation(len(manifest.shards)):
+            record = manifest.shards[i]
+            for key, members in iter_samples_bytes((folder / record.name).read_bytes(), record.name):
+                sample = decode_sample(key, members)
+                if modalities is None or sample.meta.get("modality") in modalities:
+                    yield sample.image, sample.mask
+
+
+def pretrain_segmenter(
+    shards_dir: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    modalities: set[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train cfg.segmenter on the corpus alone; returns the model folder."""
+    from finetune.segmenter import train_segmenter
+
+    out = Path(out)
+    model_dir = out / "model"
+    if (model_dir / "config.json").is_file():
+        raise FileExistsError(f"{model_dir} exists: pick another --out (nothing was changed)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump({"segmenter": to_dict(cfg.segmenter)}, sort_keys=False))
+    started = time.perf_counter()
+    pairs = corpus_pairs(shards_dir, cfg.segmenter.seed, modalities)
+    segmenter = train_segmenter(cfg.segmenter, [], synthetic=pairs, progress=progress)
+    segmenter.record["pretrained_on"] = str(Path(shards_dir).resolve())
+    segmenter.save(model_dir)
+    log.info("pretrained segmenter: %s (%.0f s)", model_dir, time.perf_counter() - started)
+    return model_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", required=True, help="a shard corpus folder (univg shards build)")
+    parser.add_argument("--out", required=True, help="new folder for the pretrained segmenter")
+    parser.add_argument("--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml or a path")
+    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps")
+    parser.add_argument("--modalities", help="comma-separated modalities to keep (default: all)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides of the profile, e.g. segmenter.optim.lr=3e-4"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.run import profile_path
+
+    if (Path(args.out) / "model" / "config.json").is_file():
+        raise FileExistsError(f"{Path(args.out) / 'model'} exists: pick another --out (nothing was changed)")
+    cfg = load_finetune_config(
+        profile_path(args.profile), [*args.overrides, f"segmenter.optim.max_steps={args.steps}"]
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.FileHandler(out / "pretrain.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    modalities = set(args.modalities.split(",")) if args.modalities else None
+    pretrain_segmenter(args.shards, out, cfg, modalities, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="univg segmenter-pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

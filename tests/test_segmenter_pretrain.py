@@ -1,0 +1,119 @@
+"""`univg segmenter-pretrain` and starting few-shot runs from its weights: a real tiny corpus built by the
+data engine, a few real training steps, the weights carried into univg (and not into the baselines)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from finetune_testdata import write_task
+
+from finetune.config import load_finetune_config
+from finetune.pretrain_segmenter import corpus_pairs, pretrain_segmenter
+from finetune.run import run_finetune
+from finetune.segmenter import Segmenter, build_network, train_segmenter
+from shards.build import build_corpus
+from shards.config import load_corpus_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "finetune" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    cfg = load_corpus_config(
+        ROOT / "configs" / "corpus" / "tiny.yaml", ["num_samples=30", "samples_per_shard=10"]
+    )
+    build_corpus(cfg, out, num_workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "seg"
+    pretrain_segmenter(corpus, out, load_finetune_config(TINY), progress=False)
+    return out / "model"
+
+
+def test_corpus_pairs_shuffle_shards_repeat_and_filter(corpus: Path) -> None:
+    pairs = corpus_pairs(corpus, seed=0)
+    first = [next(pairs) for _ in range(45)]  # 30 samples: the stream starts over in a new shard order
+    assert all(img.shape[:2] == mask.shape == (64, 64) for img, mask in first)
+    again = [next(corpus_pairs(corpus, seed=0)) for _ in range(1)]
+    assert np.array_equal(again[0][0], first[0][0])  # seeded
+    xca = corpus_pairs(corpus, seed=0, modalities={"xca"})
+    assert all(next(xca)[0].ndim == 2 for _ in range(8))  # xca is grey; fundus would be colour
+    with pytest.raises(ValueError, match="no samples of modality"):
+        next(corpus_pairs(corpus, seed=0, modalities={"ultrasound"}))
+
+
+def test_pretrained_weights_are_where_training_starts(pretrained: Path) -> None:
+    seg = Segmenter.load(pretrained)
+    assert seg.record["pretrained_on"] and seg.record["batch_real_synthetic"] == [0, 4]
+    with pytest.raises(FileExistsError, match="exists"):
+        pretrain_segmenter(seg.record["pretrained_on"], pretrained.parent, load_finetune_config(TINY))
+    cfg = load_finetune_config(TINY, ["segmenter.optim.lr=1e-12", "segmenter.optim.max_steps=1"]).segmenter
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 48), dtype=np.uint8)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[20:24] = 255
+    started = train_segmenter(cfg, [(image, mask, None)], progress=False, init_from=pretrained)
+    torch.manual_seed(cfg.seed)
+    scratch = build_network(cfg.net)
+    pairs = list(zip(started.network.parameters(), seg.network.parameters(), strict=True))
+    assert all(torch.allclose(a.detach(), b.detach(), atol=1e-6) for a, b in pairs)
+    fresh = zip(seg.network.parameters(), scratch.parameters(), strict=True)
+    assert any(not torch.allclose(b.detach(), c.detach()) for b, c in fresh)
+    other = load_finetune_config(TINY, ["segmenter.net.base_channels=12"]).segmenter
+    with pytest.raises(ValueError, match="is not this run's"):
+        train_segmenter(other, [(image, mask, None)], progress=False, init_from=pretrained)
+
+
+def test_finetune_starts_univg_from_it_and_the_baselines_from_scratch(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    task = write_task(tmp_path / "task", ["train"] * 3 + ["test"] * 2, size=(56, 64), colour=True)
+    cfg = load_finetune_config(
+        TINY, [f"pretrained_segmenter={pretrained}", "split.num_draws=1", "methods=[univg,baseline]"]
+    )
+    run_finetune(task, tmp_path / "run", cfg, progress=False)
+    draw = tmp_path / "run" / "draw_0"
+    univg = json.loads((draw / "univg" / "eval" / "summary.json").read_text())
+    baseline = json.loads((draw / "baseline" / "eval" / "summary.json").read_text())
+    assert univg["initial_weights"] == str(pretrained.resolve()) and baseline["initial_weights"] is None
+    # a missing folder stops the run before it writes anything
+    bad = load_finetune_config(TINY, [f"pretrained_segmenter={tmp_path / 'nothing'}"])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        run_finetune(task, tmp_path / "run2", bad, progress=False)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_cli(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    cmd = [
+        sys.executable,
+        "-m",
+        "univg.cli",
+        "segmenter-pretrain",
+        "--shards",
+        str(corpus),
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        [*cmd, "--profile", "tiny", "--steps", "2", "--modalities", "octa,mra", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "model" / "config.json").is_file() and (out / "pretrain.log").read_text()
+    assert json.loads((out / "model" / "config.json").read_text())["record"]["history"][-1]["step"] == 2
+    again = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2 and "exists" in again.stderr

@@ -13,6 +13,7 @@ step). Writes `<out>/model` (a segmenter folder `univg segment` also reads), `<o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ log = logging.getLogger("univg.segmenter_pretrain")
 def corpus_pairs(folder: str | Path, seed: int, modalities: set[str] | None = None) -> Iterator[tuple]:
     """(image, mask) pairs of a shard corpus, shard order shuffled by `seed` and repeated without end."""
     from shards.manifest import load_manifest
-    from shards.schema import decode_sample, iter_samples_bytes
+    from shards.schema import META, decode_sample, iter_samples_bytes
 
     folder = Path(folder)
     manifest = load_manifest(folder)
@@ -45,9 +46,19 @@ def corpus_pairs(folder: str | Path, seed: int, modalities: set[str] | None = No
         for i in rng.permutation(len(manifest.shards)):
             record = manifest.shards[i]
             for key, members in iter_samples_bytes((folder / record.name).read_bytes(), record.name):
+                # the modality is read from the small meta member, so filtered-out samples are never decoded
+                if modalities is not None and json.loads(members[META]).get("modality") not in modalities:
+                    continue
                 sample = decode_sample(key, members)
-                if modalities is None or sample.meta.get("modality") in modalities:
-                    yield sample.image, sample.mask
+                yield sample.image, sample.mask
+
+
+def _refuse_existing(out: Path) -> Path:
+    """out/model, after making sure no pretrained segmenter is there already (FileExistsError)."""
+    model_dir = out / "model"
+    if (model_dir / "config.json").is_file():
+        raise FileExistsError(f"{model_dir} exists: pick another --out (nothing was changed)")
+    return model_dir
 
 
 def pretrain_segmenter(
@@ -61,9 +72,7 @@ def pretrain_segmenter(
     from finetune.segmenter import train_segmenter
 
     out = Path(out)
-    model_dir = out / "model"
-    if (model_dir / "config.json").is_file():
-        raise FileExistsError(f"{model_dir} exists: pick another --out (nothing was changed)")
+    model_dir = _refuse_existing(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump({"segmenter": to_dict(cfg.segmenter)}, sort_keys=False))
     started = time.perf_counter()
@@ -90,8 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from finetune.run import profile_path
 
-    if (Path(args.out) / "model" / "config.json").is_file():
-        raise FileExistsError(f"{Path(args.out) / 'model'} exists: pick another --out (nothing was changed)")
+    _refuse_existing(Path(args.out))  # before the config is read, so a finished folder is named first
     cfg = load_finetune_config(
         profile_path(args.profile), [*args.overrides, f"segmenter.optim.max_steps={args.steps}"]
     )

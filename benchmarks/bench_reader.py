@@ -4,10 +4,11 @@
 
 Floor: the image, mask and FOV PNGs of the same samples, already in memory, decoded by
 data_engine.io.decode_png in `--num-workers` plain processes (no tar, shuffle, checks, tensors, collation
-or DataLoader). Reader: make_loader(..., resampled=False) with the same number of workers, once with the
-default float32 output and once with output_dtype="uint8" (the consumer converts on its device with
-to_float_batch; that conversion is timed apart, on this CPU). They alternate over rounds (after one
-warm-up round) and medians are compared, so all see the same machine load.
+or DataLoader). Reader: make_loader(..., resampled=False) with the same number of workers, with the
+default float32 output, with output_dtype="uint8" (the consumer converts on its device with
+to_float_batch; that conversion is timed apart, on this CPU), and with uint8 and recycle=0 (workers
+refill their shared batch buffers instead of fresh shared memory per batch). They alternate over rounds
+(after one warm-up round) and medians are compared, so all see the same machine load.
 """
 
 from __future__ import annotations
@@ -95,19 +96,22 @@ def main() -> int:
     members = [m for r in manifest.shards for _k, m in iter_samples_bytes((folder / r.name).read_bytes())]
     parts = [members[i :: args.num_workers] for i in range(args.num_workers)]
     torch.set_num_threads(1)
+    variants: dict[str, tuple[str, int | None]] = {dtype: (dtype, None) for dtype in OUTPUT_DTYPES}
+    variants["uint8-recycled"] = ("uint8", 0)  # workers reuse their shared batch buffers
     loaders = {
-        dtype: make_loader(
+        name: make_loader(
             str(folder),
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             seed=0,
             resampled=False,
             output_dtype=dtype,
+            recycle=recycle,
         )
-        for dtype in OUTPUT_DTYPES
+        for name, (dtype, recycle) in variants.items()
     }
     floor_rates: list[float] = []
-    reader_rates: dict[str, list[float]] = {dtype: [] for dtype in loaders}
+    reader_rates: dict[str, list[float]] = {name: [] for name in loaders}
     last_uint8_batch: dict = {}
     # Floor and readers alternate, round after round, so that all see the same load on a shared machine.
     with mp.get_context("spawn").Pool(args.num_workers) as pool:
@@ -117,17 +121,17 @@ def main() -> int:
             pool.map(_decode_all, parts)
             floor_rate = len(members) / (time.perf_counter() - t0)
             line = f"  round {r}: decode floor {floor_rate:6.1f}/s"
-            for dtype, loader in loaders.items():
+            for name, loader in loaders.items():
                 t0 = time.perf_counter()
                 n = 0
                 for batch in loader:
                     n += len(batch["key"])
-                    if dtype == "uint8" and len(batch["key"]) == args.batch_size:
+                    if name == "uint8" and len(batch["key"]) == args.batch_size:
                         last_uint8_batch = batch
                 rate = n / (time.perf_counter() - t0)
-                line += f", reader {dtype} {rate:6.1f}/s ({n} samples)"
+                line += f", {name} {rate:6.1f}/s"
                 if r > 0:
-                    reader_rates[dtype].append(rate)
+                    reader_rates[name].append(rate)
             print(line + (" (warm-up, not counted)" if r == 0 else ""), flush=True)
             if r > 0:
                 floor_rates.append(floor_rate)
@@ -138,21 +142,27 @@ def main() -> int:
         f"decode floor: {floor_rate:7.1f} samples/s with {args.num_workers} processes "
         f"(median of {args.rounds}; {one_core:.1f}/s in one process alone)"
     )
-    for dtype, loader in loaders.items():
-        rate = statistics.median(reader_rates[dtype])
-        best = max(r / f for r, f in zip(reader_rates[dtype], floor_rates, strict=True))
+    for name, loader in loaders.items():
+        dtype, recycle = variants[name]
+        rate = statistics.median(reader_rates[name])
+        best = max(r / f for r, f in zip(reader_rates[name], floor_rates, strict=True))
         counters = loader.dataset.counters  # type: ignore[attr-defined]
-        transport_s = _fresh_batch_seconds(members, args.batch_size, OUTPUT_DTYPES[dtype])
         print(
-            f"reader {dtype:7s} {rate:7.1f} samples/s with {args.num_workers} DataLoader workers, batch "
+            f"reader {name:14s} {rate:7.1f} samples/s with {args.num_workers} DataLoader workers, batch "
             f"{args.batch_size} (checks, shuffle buffer 1000; median) = {100 * rate / floor_rate:.0f}% of "
             f"the decode floor (best round {100 * best:.0f}%); bad shards {counters.bad_shards}, bad "
             f"samples {counters.bad_samples}"
         )
-        print(
-            f"  transport:  allocating and first-touching one sample's {dtype} outputs in fresh shared "
-            f"memory takes {1000 * transport_s:.2f} ms here, vs {1000 / one_core:.1f} ms to decode it"
-        )
+        if recycle is not None:
+            print(
+                f"  recycle={recycle}: {counters.reused_buffers} batches written into reused shared buffers"
+            )
+        else:
+            transport_s = _fresh_batch_seconds(members, args.batch_size, OUTPUT_DTYPES[dtype])
+            print(
+                f"  transport:  allocating and first-touching one sample's {dtype} outputs in fresh shared "
+                f"memory takes {1000 * transport_s:.2f} ms here, vs {1000 / one_core:.1f} ms to decode it"
+            )
     if last_uint8_batch:
         print(
             f"to_float_batch: {1000 * _convert_seconds(last_uint8_batch):.2f} ms/sample on this CPU (one "

@@ -252,6 +252,7 @@ def open_segment(
         shuffle_buffer=cfg.data.shuffle_buffer,
         image_size_px=cfg.model.image_size_px,
         output_dtype="uint8",  # a quarter of float32's bytes to hand over from the workers
+        recycle=0,  # workers refill their shared buffers: each batch is converted below before the next
     )
     seed = segment_seed(cfg.train.seed, rank, segment_start)
     torch.manual_seed(seed)  # dropout inside the UNet

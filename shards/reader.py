@@ -31,6 +31,7 @@ sample that fails to decode or check is dropped; each gives a CorruptShardWarnin
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import multiprocessing as mp
@@ -104,7 +105,7 @@ def shard_urls(dir_or_pattern: str | Path) -> list[str]:
 class ReadCounters:
     """Counts shared by every process reading one dataset (shared memory, created by the main process)."""
 
-    FIELDS = ("shards", "samples", "bad_shards", "bad_samples")
+    FIELDS = ("shards", "samples", "bad_shards", "bad_samples", "reused_buffers")
 
     def __init__(self) -> None:
         self._array = mp.Array("q", len(self.FIELDS))
@@ -137,6 +138,11 @@ class ReadCounters:
         """Samples dropped because they failed to decode or check (count)."""
         return self.get("bad_samples")
 
+    @property
+    def reused_buffers(self) -> int:
+        """Batches written into a shared buffer a worker had used before (make_loader(recycle=...))."""
+        return self.get("reused_buffers")
+
     def as_dict(self) -> dict[str, int]:
         return {f: self.get(f) for f in self.FIELDS}
 
@@ -149,6 +155,78 @@ class ReadCounters:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._array = state["array"] if "array" in state else mp.Array("q", state["values"])
+
+
+# --- batch buffers a worker refills once the consumer is done with them ---
+
+SLOT_KEY = "_slot"  # batch entry naming its buffer: (worker, slot, batch number); make_loader removes it
+
+
+class SlotTable:
+    """Which of its shared batch buffers each DataLoader worker may write into (shared memory, created
+    by the main process). Row w: [number of batches worker w has made, then per buffer 0 (free) or
+    1 + the number of the batch written into it]. Only the worker marks a buffer taken; only the
+    consumer frees it, once the caller has drawn enough later batches (`make_loader(recycle=...)`)."""
+
+    def __init__(self, num_workers: int, num_slots: int) -> None:
+        self.num_workers, self.num_slots = num_workers, num_slots
+        self._array = mp.RawArray("q", num_workers * (num_slots + 1))
+
+    def _row(self, worker: int) -> int:
+        return worker * (self.num_slots + 1)
+
+    def claim(self, worker: int) -> tuple[int, int]:
+        """(free buffer or -1 when every one is held, number of this batch); in the worker."""
+        row = self._row(worker)
+        number = int(self._array[row])
+        self._array[row] = number + 1
+        for slot in range(self.num_slots):
+            if self._array[row + 1 + slot] == 0:
+                self._array[row + 1 + slot] = number + 1
+                return slot, number
+        return -1, number
+
+    def release(self, worker: int, slot: int, number: int) -> None:
+        """Free a buffer the caller is done with; in the consumer."""
+        i = self._row(worker) + 1 + slot
+        if slot >= 0 and self._array[i] == number + 1:
+            self._array[i] = 0
+
+    def release_lost(self, worker: int, number: int, held: Iterable[tuple[int, int, int]]) -> None:
+        """Free the buffers of worker's batches older than `number` that never reached the caller (the
+        DataLoader drops prefetched batches when an iteration is abandoned); a worker's batches arrive in
+        the order it made them, so an older one not held now was dropped."""
+        keep = {slot for w, slot, _ in held if w == worker}
+        row = self._row(worker)
+        for slot in range(self.num_slots):
+            value = int(self._array[row + 1 + slot])
+            if 0 < value <= number and slot not in keep:
+                self._array[row + 1 + slot] = 0
+
+    def num_taken(self) -> int:
+        return sum(
+            1
+            for w in range(self.num_workers)
+            for s in range(self.num_slots)
+            if self._array[self._row(w) + 1 + s] != 0
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # as ReadCounters: shared with workers being started, a private copy for anything else
+        state: dict[str, Any] = {"num_workers": self.num_workers, "num_slots": self.num_slots}
+        if mp_context.get_spawning_popen() is not None:
+            state["array"] = self._array
+        else:
+            state["values"] = list(self._array[:])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.num_workers, self.num_slots = state["num_workers"], state["num_slots"]
+        if "array" in state:
+            self._array = state["array"]
+        else:
+            self._array = mp.RawArray("q", len(state["values"]))
+            self._array[:] = state["values"]
 
 
 # --- shard integrity against the folder's manifest ---
@@ -300,10 +378,17 @@ class _BatchBuilder:
     """Writes decoded samples straight into preallocated batch tensors (one pass over the pixels), as
     float32 (image [-1, 1], masks {0, 1}) or as uint8 (values as stored, masks {0, 255})."""
 
-    def __init__(self, batch_size: int, shared: bool, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        shared: bool,
+        dtype: torch.dtype = torch.float32,
+        buffers: _WorkerBuffers | None = None,
+    ) -> None:
         self.batch_size = batch_size
         self.shared = shared
         self.dtype = dtype
+        self.buffers = buffers  # reused shared buffers (make_loader(recycle=...)), else fresh ones
         self._fill_image, self._fill_binary = (
             (_fill_image_uint8, _fill_binary_uint8) if dtype == torch.uint8 else (_fill_image, _fill_binary)
         )
@@ -313,6 +398,7 @@ class _BatchBuilder:
         self.keys: list[str] = []
         self.modalities: list[int] = []
         self.tensors: dict[str, torch.Tensor] = {}
+        self.slot: tuple[int, int, int] | None = None
 
     def add(
         self, key: str, image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None, modality: int
@@ -320,11 +406,15 @@ class _BatchBuilder:
         h, w = mask.shape
         if not self.tensors:
             b = self.batch_size
-            self.tensors = {
-                "image": _new_tensor((b, 3, h, w), self.dtype, self.shared),
-                "mask": _new_tensor((b, 1, h, w), self.dtype, self.shared),
-                "fov": _new_tensor((b, 1, h, w), self.dtype, self.shared),
+            shapes: dict[str, tuple[int, ...]] = {
+                "image": (b, 3, h, w),
+                "mask": (b, 1, h, w),
+                "fov": (b, 1, h, w),
             }
+            if self.buffers is not None:
+                self.tensors, self.slot = self.buffers.take(shapes, self.dtype)
+            else:
+                self.tensors = {n: _new_tensor(shape, self.dtype, self.shared) for n, shape in shapes.items()}
         elif self.tensors["mask"].shape[2:] != (h, w):
             have = tuple(self.tensors["mask"].shape[2:])
             raise ValueError(
@@ -345,8 +435,32 @@ class _BatchBuilder:
         batch: dict[str, Any] = {name: t[:n] for name, t in self.tensors.items()}
         batch["modality"] = torch.tensor(self.modalities, dtype=torch.int64)
         batch["key"] = list(self.keys)
+        if self.slot is not None:
+            batch[SLOT_KEY] = self.slot
         self._reset()
         return batch
+
+
+class _WorkerBuffers:
+    """One worker's shared batch buffers: made on first use, written again once the consumer frees
+    them in the SlotTable; a fresh buffer whenever every one is still held."""
+
+    def __init__(self, table: SlotTable, worker: int, counters: ReadCounters) -> None:
+        self.table, self.worker, self.counters = table, worker, counters
+        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def take(
+        self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+    ) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
+        slot, number = self.table.claim(self.worker)
+        have = self.buffers.get(slot) if slot >= 0 else None
+        if have is None or any(t.shape != shapes[n] or t.dtype != dtype for n, t in have.items()):
+            have = {n: _new_tensor(shape, dtype, shared=True) for n, shape in shapes.items()}
+            if slot >= 0:
+                self.buffers[slot] = have
+        else:
+            self.counters.add("reused_buffers")
+        return have, (self.worker, slot, number)
 
 
 # --- the dataset ---
@@ -412,6 +526,8 @@ class ShardDataset(IterableDataset):
             (rank, world_size) if rank is not None and world_size is not None else _distributed_info()
         )
         self.counters = ReadCounters()
+        self.slots: SlotTable | None = None  # set by make_loader(recycle=...): workers reuse buffers
+        self._buffers: _WorkerBuffers | None = None  # this worker's, kept across epochs
 
     def set_epoch(self, epoch: int) -> None:
         """Reorder for another pass (takes effect at the next iter(), in workers started after it)."""
@@ -478,8 +594,10 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker, 2])
         raw = self.raw_samples(self.stream_shards(rank, world_size, worker, num_workers))
+        if info is not None and self.slots is not None and self._buffers is None:
+            self._buffers = _WorkerBuffers(self.slots, worker, self.counters)
         batch = (
-            _BatchBuilder(self.batch_size, shared=info is not None, dtype=self._dtype)
+            _BatchBuilder(self.batch_size, shared=info is not None, dtype=self._dtype, buffers=self._buffers)
             if self.batch_size
             else None
         )
@@ -583,6 +701,27 @@ def _init_loader_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class RecyclingLoader(DataLoader):
+    """A DataLoader whose workers write batches into buffers they reuse (make_loader(recycle=k)): the
+    batch you draw, and the k before it, stay intact; older ones may be overwritten. It frees a buffer
+    when the caller draws the (k+1)-th batch after it, and removes the buffer tag from each batch."""
+
+    def __init__(self, dataset: ShardDataset, keep: int, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.keep = keep
+        self._held: collections.deque[tuple[int, int, int]] = collections.deque()
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        slots = self.dataset.slots  # type: ignore[attr-defined]
+        for batch in super().__iter__():
+            worker, slot, number = tag = tuple(batch.pop(SLOT_KEY))
+            slots.release_lost(worker, number, self._held)
+            self._held.append(tag)
+            while len(self._held) > self.keep + 1:
+                slots.release(*self._held.popleft())
+            yield batch
+
+
 def make_loader(
     urls: str | Sequence[str],
     *,
@@ -590,30 +729,47 @@ def make_loader(
     num_workers: int,
     seed: int,
     pin_memory: bool | None = None,
+    recycle: int | None = None,
+    prefetch_factor: int = 2,
     **dataset_kwargs: Any,
 ) -> DataLoader:
-    """A plain torch DataLoader over make_dataset(urls, seed=seed, **dataset_kwargs), yielding batches
-    (dicts of stacked tensors, `key` a list). Batches are assembled in the workers, straight into shared
+    """A torch DataLoader over make_dataset(urls, seed=seed, **dataset_kwargs), yielding batches (dicts
+    of stacked tensors, `key` a list). Batches are assembled in the workers, straight into shared
     memory, so each pixel is written once (the DataLoader itself runs with batch_size=None); a one-pass
     loader's last batch per worker may be short. `pin_memory` defaults to whether CUDA is available.
-    With `output_dtype="uint8"`, convert on the device: `to_float_batch(batch, device, non_blocking=True)`."""
+    With `output_dtype="uint8"`, convert on the device: `to_float_batch(batch, device, non_blocking=True)`.
+
+    `recycle=k` (k >= 0; needs workers) makes each worker reuse prefetch_factor + k + 2 shared batch
+    buffers instead of fresh shared memory per batch, which on some hosts costs as much as decoding
+    (BENCHMARKS.md, "Shard reader"). Then only the batch you draw and the k before it stay intact: copy or
+    move what you keep longer (a training step that moves or converts its batch right away needs k = 0).
+    A buffer still held when its turn comes is replaced by a fresh one, so nothing waits and nothing is
+    overwritten early; `loader.dataset.slots.num_taken()` counts the buffers held now."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if recycle is not None and recycle < 0:
+        raise ValueError(f"recycle={recycle} must be >= 0 (batches kept intact behind the current one)")
     dataset = make_dataset(urls, seed=seed, batch_size=batch_size, **dataset_kwargs)
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=_init_loader_worker,
-    )
+    kwargs: dict[str, Any] = {
+        "batch_size": None,
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "persistent_workers": num_workers > 0,
+        "worker_init_fn": _init_loader_worker,
+        "prefetch_factor": prefetch_factor if num_workers > 0 else None,
+    }
+    if recycle is None or num_workers == 0:  # in one process batches are private memory: nothing to reuse
+        return DataLoader(dataset, **kwargs)
+    dataset.slots = SlotTable(num_workers, prefetch_factor + recycle + 2)
+    return RecyclingLoader(dataset, recycle, **kwargs)
 
 
 __all__ = [
     "CorruptShardWarning",
     "ReadCounters",
+    "RecyclingLoader",
     "ShardDataset",
+    "SlotTable",
     "decode_item",
     "make_dataset",
     "make_loader",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -27,7 +28,9 @@ from data_engine import MODALITIES
 from data_engine.corpus import Sample
 from shards.manifest import MANIFEST
 from shards.reader import (
+    SLOT_KEY,
     CorruptShardWarning,
+    RecyclingLoader,
     decode_item,
     make_dataset,
     make_loader,
@@ -138,6 +141,60 @@ def test_uint8_conversion_is_exact_for_every_pixel_value(channels: int) -> None:
     for name in ("image", "mask", "fov"):
         assert torch.equal(converted[name], f[name]), name
     assert converted["image"].min() == -1.0 and converted["image"].max() == 1.0
+
+
+def _same_pixels(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["key"] == b["key"] and all(torch.equal(a[n], b[n]) for n in ("image", "mask", "fov"))
+
+
+def test_recycled_buffers_give_the_same_batches_and_keep_the_promised_ones_intact(corpus: Path) -> None:
+    kwargs: dict[str, Any] = {"batch_size": 3, "num_workers": 2, "seed": 4, "output_dtype": "uint8"}
+    keep = 2
+    plain, recycled = make_loader(str(corpus), **kwargs), make_loader(str(corpus), recycle=keep, **kwargs)
+    assert isinstance(recycled, RecyclingLoader) and not isinstance(plain, RecyclingLoader)
+    held: collections.deque[tuple[dict[str, Any], dict[str, Any]]] = collections.deque()
+    for i, (expected, batch) in enumerate(zip(plain, recycled, strict=False)):  # endless (resampled) streams
+        assert SLOT_KEY not in batch
+        held.append((batch, expected))
+        if len(held) > keep + 1:
+            held.popleft()  # the batch drawn keep + 1 batches ago may now be overwritten
+        # the batch just drawn and the `keep` before it still hold what the plain reader gave
+        assert all(_same_pixels(b, e) for b, e in held), i
+        if i == 40:
+            break
+    counters = recycled.dataset.counters  # type: ignore[attr-defined]
+    assert counters.reused_buffers >= 30  # most of the 41 batches went into buffers used before
+
+
+def test_recycled_batches_kept_too_long_are_overwritten(corpus: Path) -> None:
+    # The counterpart: the buffers really are shared with the worker, so a batch kept past its turn
+    # changes under the caller. This is why make_loader's `recycle` is opt-in.
+    kwargs: dict[str, Any] = {"batch_size": 3, "num_workers": 2, "seed": 4, "output_dtype": "uint8"}
+    plain, recycled = make_loader(str(corpus), **kwargs), make_loader(str(corpus), recycle=0, **kwargs)
+    pairs = [pair for pair, _ in zip(zip(plain, recycled, strict=False), range(30), strict=False)]
+    assert not all(_same_pixels(b, e) for e, b in pairs)
+    assert _same_pixels(pairs[-1][1], pairs[-1][0])  # the current batch is intact
+
+
+def test_abandoned_iterations_give_their_buffers_back(corpus: Path) -> None:
+    loader = make_loader(str(corpus), batch_size=2, num_workers=2, seed=1, recycle=0)
+    slots, counters = loader.dataset.slots, loader.dataset.counters  # type: ignore[attr-defined]
+    for _ in range(4):  # each abandons its prefetched batches, which the DataLoader then drops
+        next(iter(loader))
+    reused_before = counters.reused_buffers
+    for _ in range(3):
+        next(iter(loader))
+    # the dropped batches' buffers were freed and refilled, not left taken for good
+    assert counters.reused_buffers > reused_before
+    assert slots.num_taken() < slots.num_workers * slots.num_slots
+
+
+def test_recycle_needs_workers_and_a_non_negative_count(corpus: Path) -> None:
+    with pytest.raises(ValueError, match="recycle=-1"):
+        make_loader(str(corpus), batch_size=2, num_workers=2, seed=0, recycle=-1)
+    in_process = make_loader(str(corpus), batch_size=2, num_workers=0, seed=0, recycle=1, resampled=False)
+    assert not isinstance(in_process, RecyclingLoader)  # private memory, nothing to reuse
+    assert sum(len(b["key"]) for b in in_process) == NUM_SAMPLES
 
 
 def test_two_nodes_times_two_workers_see_disjoint_data_covering_the_corpus(corpus: Path) -> None:

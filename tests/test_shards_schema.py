@@ -24,6 +24,7 @@ from shards.schema import (
     decode_sample,
     encode_sample,
     iter_samples,
+    iter_samples_bytes,
     key_index,
     sample_key,
 )
@@ -142,14 +143,23 @@ def _shard_bytes(tmp_path: Path, n: int = 3) -> bytes:
     return (tmp_path / record.name).read_bytes()
 
 
-def test_iter_samples_groups_members_by_key(tmp_path: Path) -> None:
-    got = list(iter_samples(io.BytesIO(_shard_bytes(tmp_path))))
+# the two readers of a tar: tarfile over a stream (pipes, URLs) and the direct walk over bytes in memory
+READERS = {
+    "stream": lambda data: list(iter_samples(io.BytesIO(data))),
+    "memory": lambda data: list(iter_samples_bytes(data)),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_iter_samples_groups_members_by_key(tmp_path: Path, reader: str) -> None:
+    got = READERS[reader](_shard_bytes(tmp_path))
     assert [k for k, _ in got] == ["c_000000000", "c_000000001", "c_000000002"]
     assert sorted(got[0][1]) == sorted([FOV, IMAGE, MASK, META]) and sorted(got[1][1]) == [IMAGE, MASK, META]
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("cut", ["mid_member", "header_boundary", "no_end_blocks"])
-def test_truncated_tar_is_a_shard_error(tmp_path: Path, cut: str) -> None:
+def test_truncated_tar_is_a_shard_error(tmp_path: Path, cut: str, reader: str) -> None:
     data = _shard_bytes(tmp_path)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = tar.getmembers()
@@ -160,4 +170,59 @@ def test_truncated_tar_is_a_shard_error(tmp_path: Path, cut: str) -> None:
         "no_end_blocks": end_of_last_member + (-end_of_last_member) % 512,  # data padded, zero blocks cut
     }[cut]
     with pytest.raises(ShardError):
-        list(iter_samples(io.BytesIO(data[:size])))
+        READERS[reader](data[:size])
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT, directory: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        if directory:
+            info = tarfile.TarInfo(directory)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_the_memory_walk_reads_pax_and_gnu_extensions_as_tarfile_does(fmt: int) -> None:
+    # a key over ustar's 100-character name field: pax / GNU long-name headers, which the walk hands to
+    # tarfile from that header on; a short key before it is read by the walk itself
+    long_key = "k" * 120
+    members = [
+        ("a_1.image.png", b"x" * 700),
+        (f"{long_key}.image.png", b"y" * 5),
+        (f"{long_key}.meta.json", b"{}"),
+    ]
+    data = _tar(members, fmt)
+    got = READERS["memory"](data)
+    assert got == READERS["stream"](data)
+    assert got == [
+        ("a_1", {"image.png": b"x" * 700}),
+        (long_key, {"image.png": b"y" * 5, "meta.json": b"{}"}),
+    ]
+
+
+def _broken_tar(what: str) -> bytes:
+    if what == "bad checksum":
+        good = _tar([("a_1.image.png", b"x" * 700), ("a_1.mask.png", b"m"), ("a_2.image.png", b"z")])
+        assert len(READERS["memory"](good)) == len(READERS["stream"](good)) == 2
+        flipped = bytearray(good)
+        flipped[512 + 1024 + 3] ^= 0x01  # inside the second header's name: its checksum no longer matches
+        return bytes(flipped)
+    return {
+        "directory": lambda: _tar([("a_1.image.png", b"x")], directory="d"),
+        "no suffix": lambda: _tar([("a_1", b"x")]),
+        "repeated": lambda: _tar([("a_1.image.png", b"x"), ("a_1.image.png", b"y")]),
+        "a path": lambda: _tar([("d/a_1.image.png", b"x")]),
+    }[what]()
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("what", ["bad checksum", "directory", "no suffix", "repeated", "a path"])
+def test_broken_tar_members_are_shard_errors(reader: str, what: str) -> None:
+    with pytest.raises(ShardError):
+        READERS[reader](_broken_tar(what))

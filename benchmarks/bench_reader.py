@@ -79,6 +79,9 @@ def main() -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
+        "--max-shards", type=int, default=0, help="read the first N shards only (0: all; held in memory)"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3, help="timed rounds (floor, then a reader pass), after one warm-up"
     )
     args = parser.parse_args()
@@ -91,16 +94,20 @@ def main() -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}; date {datetime.date.today()}"
     )
-    print(f"corpus: {manifest.num_samples} samples in {len(manifest.shards)} shards, {folder}")
-
-    members = [m for r in manifest.shards for _k, m in iter_samples_bytes((folder / r.name).read_bytes())]
+    records = manifest.shards[: args.max_shards] if args.max_shards else manifest.shards
+    print(
+        f"corpus: {manifest.num_samples} samples in {len(manifest.shards)} shards, {folder}; read: "
+        f"{sum(r.num_samples for r in records)} samples in {len(records)} shards"
+    )
+    urls = [str(folder / r.name) for r in records]
+    members = [m for r in records for _k, m in iter_samples_bytes((folder / r.name).read_bytes())]
     parts = [members[i :: args.num_workers] for i in range(args.num_workers)]
     torch.set_num_threads(1)
     variants: dict[str, tuple[str, int | None]] = {dtype: (dtype, None) for dtype in OUTPUT_DTYPES}
     variants["uint8-recycled"] = ("uint8", 0)  # workers reuse their shared batch buffers
     loaders = {
         name: make_loader(
-            str(folder),
+            urls,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             seed=0,

@@ -12,6 +12,15 @@ allocate and write; at 512 px that is 5 MB a sample as float32, 1.3 MB as uint8 
 reader": on a 2-core VM the float32 hand-over costs nearly as much as decoding the sample). The
 conversion is the float32 reader's own arithmetic, so the two give equal tensors (tested on CPU).
 
+    loader = make_loader(..., output_dtype="uint8", recycle=0)   # workers refill their batch buffers
+
+Why recycle: even as uint8, first-touching fresh shared memory for every batch is the reader's largest
+cost beyond decoding on a VM. With `recycle=k` each worker keeps a few shared batch buffers and writes
+into them again; the batch you draw and the k before it stay intact, older ones may change under you
+(the training loop converts each batch before drawing the next, so it uses k = 0). A shared table says
+which buffers the caller still holds: a worker never writes into one of those (it takes fresh memory
+instead), and buffers of batches the DataLoader dropped (an abandoned iteration) are freed.
+
 Order of work in each stream (one stream = one DataLoader worker of one rank):
   shard order -> read shard bytes (verify size/sha256 against the folder's manifest when there is one)
   -> split the tar into samples -> shuffle buffer of raw (undecoded) samples -> decode + check -> tensors.

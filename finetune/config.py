@@ -194,6 +194,9 @@ class OptimConfig:
     warmup_steps: int = 50  # linear warm-up from 0 to lr (optimizer steps)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # pull toward the pretrained start after each step, w -= lr * anchor_decay * (w - w_start): L2-SP
+    # (Li et al. 2018) decoupled as AdamW decouples weight decay; only with a pretrained start (0: off)
+    anchor_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -202,6 +205,8 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be in 0..optim.max_steps")
+        if self.anchor_decay < 0:
+            raise ValueError(f"optim.anchor_decay={self.anchor_decay} must be >= 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0")
 

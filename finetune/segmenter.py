@@ -458,6 +458,11 @@ def train_segmenter(
         network.load_state_dict(start.network.state_dict())
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     network, optimizer = accelerator.prepare(network, optimizer)
+    anchor = (  # the pretrained weights that optim.anchor_decay pulls back toward
+        [p.detach().clone() for p in network.parameters()]
+        if init_from is not None and cfg.optim.anchor_decay > 0
+        else None
+    )
     loss_fn = SegmentationLoss(cfg.loss)
     rng = np.random.default_rng([cfg.seed, accelerator.process_index])  # patches differ per process
     num_params = sum(p.numel() for p in network.parameters())
@@ -537,6 +542,11 @@ def train_segmenter(
             gnorm = float(accelerator.clip_grad_norm_(network.parameters(), max_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if anchor is not None:
+                pull = min(1.0, lr * cfg.optim.anchor_decay)
+                with torch.no_grad():
+                    for param, start_value in zip(network.parameters(), anchor, strict=True):
+                        param.lerp_(start_value, pull)
             step += 1
             bar.update(1)
 

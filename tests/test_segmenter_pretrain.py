@@ -75,6 +75,30 @@ def test_pretrained_weights_are_where_training_starts(pretrained: Path) -> None:
         train_segmenter(other, [(image, mask, None)], progress=False, init_from=pretrained)
 
 
+def test_anchor_decay_pulls_training_toward_the_pretrained_start(pretrained: Path) -> None:
+    start = Segmenter.load(pretrained)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (48, 48), dtype=np.uint8)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[:, 10:14] = 255
+    base = ["segmenter.optim.max_steps=5", "segmenter.optim.warmup_steps=0", "segmenter.optim.lr=0.01"]
+
+    def distance(anchor_decay: float, init: Path | None = pretrained) -> float:
+        over = [*base, f"segmenter.optim.anchor_decay={anchor_decay}"]
+        cfg = load_finetune_config(TINY, over).segmenter
+        trained = train_segmenter(cfg, [(image, mask, None)], progress=False, init_from=init)
+        pairs = zip(trained.network.parameters(), start.network.parameters(), strict=True)
+        return float(sum(((a.detach() - b.detach()) ** 2).sum() for a, b in pairs))
+
+    free, pulled, pinned = distance(0.0), distance(20.0), distance(1e6)
+    assert free > pulled > 0  # 0.2 of the way back at the first step, less as the rate decays
+    assert pinned < 1e-12 * free  # lr * anchor_decay >= 1: back at the start after every step
+    # without a pretrained start there is nothing to pull toward: the same as plain training
+    assert distance(1e6, init=None) == distance(0.0, init=None)
+    with pytest.raises(ValueError, match="anchor_decay"):
+        load_finetune_config(TINY, ["segmenter.optim.anchor_decay=-1"])
+
+
 def test_finetune_starts_univg_from_it_and_the_baselines_from_scratch(
     pretrained: Path, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ shots. Prints the Dice per run and, for baselines, the mean and std over the dra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -43,6 +44,11 @@ def main() -> int:
     parser.add_argument("--profile", default="cpu-fast")
     parser.add_argument("--baseline-shots", default="", help="e.g. 1,5: shots-only baselines instead of full")
     parser.add_argument("--draws", type=int, default=3, help="draws per shot count (with --baseline-shots)")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="bench_fewshot.py --out folder of univg from the same start: writes <out>/ablation.md, .png",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
     import torch
@@ -51,6 +57,9 @@ def main() -> int:
     cfg = load_finetune_config(profile_path(args.profile), [*args.overrides, "split.num_draws=1"])
     init = Path(args.model).resolve()
     shot_counts = [int(k) for k in args.baseline_shots.split(",") if k]
+    if args.compare is not None and not (args.compare / "fewshot.json").is_file():
+        parser.error(f"--compare {args.compare}: no fewshot.json there (run bench_fewshot.py first)")
+    baselines: dict[str, dict[int, list[float]]] = {}
     for name in args.sets.split(","):
         path = DATA / name / "pairs.csv"
         if not path.is_file():
@@ -78,7 +87,7 @@ def main() -> int:
             draws_cfg = replace(cfg, split=replace(cfg.split, shots=shots, num_draws=args.draws))
             splits = plan_splits(task, path, draws_cfg, None)
             loaded = load_cases(task, {n for s in splits for n in s.train + s.eval}, progress=False)
-            dice = []
+            dice = baselines.setdefault(name, {}).setdefault(shots, [])
             for d, split in enumerate(splits):
                 started = time.perf_counter()
                 folder = args.out / name / f"baseline_pretrained_shots_{shots}" / f"draw_{d}"
@@ -103,7 +112,61 @@ def main() -> int:
                 f"{np.std(dice):.4f} over {len(dice)} draws",
                 flush=True,
             )
+    if args.compare is not None and baselines:
+        compare(json.loads((args.compare / "fewshot.json").read_text()), baselines, args.out)
     return 0
+
+
+def compare(fewshot: dict[str, Any], baselines: dict[str, dict[int, list[float]]], out: Path) -> None:
+    """Table and plot: univg and the shots-only baseline from the same pretrained start (paired draws),
+    and the baseline from scratch, per set and shot count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "| set | shots | univg (pretrained start) | baseline (pretrained start) | univg - that baseline, "
+        "per draw | baseline (scratch) |",
+        "|---|---|---|---|---|---|",
+    ]
+    fig, axes = plt.subplots(1, len(baselines), figsize=(4.6 * len(baselines), 3.6), squeeze=False)
+    for ax, (name, by_shots) in zip(axes[0], baselines.items(), strict=True):
+        curves: dict[str, list[tuple[int, float, float]]] = {}
+        for shots, pre in sorted(by_shots.items()):
+            runs = fewshot.get(name, {}).get("shots", {}).get(str(shots), {})
+            univg = runs.get("univg", {}).get("dice", {}).get("per_draw", [])
+            scratch = runs.get("baseline", {}).get("dice", {}).get("per_draw", [])
+            diffs = [u - b for u, b in zip(univg, pre, strict=False)]
+            cells = [
+                f"{np.mean(v):.4f} +- {np.std(v):.4f}" if v else "-" for v in (univg, pre, diffs, scratch)
+            ]
+            cells[2] = ", ".join(f"{d:+.4f}" for d in diffs) if diffs else "-"
+            lines.append(f"| {name} | {shots} | " + " | ".join(cells) + " |")
+            for label, values in (
+                ("univg (pretrained start)", univg),
+                ("baseline (pretrained start)", pre),
+                ("baseline (scratch)", scratch),
+            ):
+                if values:
+                    curves.setdefault(label, []).append(
+                        (shots, float(np.mean(values)), float(np.std(values)))
+                    )
+        for label, points in curves.items():
+            xs, ys, es = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("real labelled shots")
+        ax.set_ylabel("Dice (test split)")
+        ax.set_xticks(sorted(by_shots))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "ablation.png", dpi=110)
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.png'}")
 
 
 if __name__ == "__main__":

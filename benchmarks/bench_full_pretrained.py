@@ -137,12 +137,11 @@ def compare(fewshot: dict[str, Any], baselines: dict[str, dict[int, list[float]]
             runs = fewshot.get(name, {}).get("shots", {}).get(str(shots), {})
             univg = runs.get("univg", {}).get("dice", {}).get("per_draw", [])
             scratch = runs.get("baseline", {}).get("dice", {}).get("per_draw", [])
-            diffs = [u - b for u, b in zip(univg, pre, strict=False)]
-            cells = [
-                f"{np.mean(v):.4f} +- {np.std(v):.4f}" if v else "-" for v in (univg, pre, diffs, scratch)
-            ]
-            cells[2] = ", ".join(f"{d:+.4f}" for d in diffs) if diffs else "-"
-            lines.append(f"| {name} | {shots} | " + " | ".join(cells) + " |")
+            diffs = ", ".join(f"{u - b:+.4f}" for u, b in zip(univg, pre, strict=False)) or "-"
+            univg_s, pre_s, scratch_s = (
+                f"{np.mean(v):.4f} +- {np.std(v):.4f}" if v else "-" for v in (univg, pre, scratch)
+            )
+            lines.append(f"| {name} | {shots} | {univg_s} | {pre_s} | {diffs} | {scratch_s} |")
             for label, values in (
                 ("univg (pretrained start)", univg),
                 ("baseline (pretrained start)", pre),

@@ -156,14 +156,18 @@ class ReadCounters:
         return {f: self.get(f) for f in self.FIELDS}
 
     def __getstate__(self) -> dict[str, Any]:
-        # Shared memory travels only to processes being started (DataLoader workers); any other copy
-        # (pickle, deepcopy) gets its own counters holding the current values.
-        if mp_context.get_spawning_popen() is not None:
-            return {"array": self._array}
-        return {"values": [int(v) for v in self._array[:]]}
+        return _array_state(self._array)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._array = state["array"] if "array" in state else mp.Array("q", state["values"])
+
+
+def _array_state(array: Any) -> dict[str, Any]:
+    """Pickled state of a shared array: shared memory travels only to processes being started
+    (DataLoader workers); any other copy (pickle, deepcopy) gets its own array of the current values."""
+    if mp_context.get_spawning_popen() is not None:
+        return {"array": array}
+    return {"values": [int(v) for v in array[:]]}
 
 
 # --- batch buffers a worker refills once the consumer is done with them ---
@@ -221,21 +225,11 @@ class SlotTable:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # as ReadCounters: shared with workers being started, a private copy for anything else
-        state: dict[str, Any] = {"num_workers": self.num_workers, "num_slots": self.num_slots}
-        if mp_context.get_spawning_popen() is not None:
-            state["array"] = self._array
-        else:
-            state["values"] = list(self._array[:])
-        return state
+        return {"num_workers": self.num_workers, "num_slots": self.num_slots, **_array_state(self._array)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.num_workers, self.num_slots = state["num_workers"], state["num_slots"]
-        if "array" in state:
-            self._array = state["array"]
-        else:
-            self._array = mp.RawArray("q", len(state["values"]))
-            self._array[:] = state["values"]
+        self._array = state["array"] if "array" in state else mp.RawArray("q", state["values"])
 
 
 # --- shard integrity against the folder's manifest ---

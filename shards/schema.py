@@ -252,9 +252,7 @@ def _memory_members(data: bytes, source: str) -> Iterator[tuple[str, bytes]]:
             raise ShardError(f"{source}: truncated tar (it ends at byte {num_bytes} inside a header)")
         if header == _ZERO_BLOCK:
             if data[pos : pos + len(_END_OF_ARCHIVE)] != _END_OF_ARCHIVE:
-                raise ShardError(
-                    f"{source}: tar ends without its end-of-archive blocks (truncated or corrupt)"
-                )
+                raise ShardError(f"{source}: {_NO_END}")
             return
         stored = _octal(header[148:156])
         unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces

@@ -144,9 +144,16 @@ class AugmentConfig:
     noise_std_range: tuple[float, float] = (0.0, 0.1)  # noise standard deviation range (image std units)
     blur_prob: float = 0.15  # Gaussian blur
     blur_sigma_range: tuple[float, float] = (0.5, 1.0)  # blur sigma range (px)
+    # Field cut: the patch beyond a random straight or round edge becomes flat and darker than anything in
+    # it, with no vessel there: what the outside of a collimator or field of view looks like. Teaches that
+    # a large dark region is not a vessel even when the shots show none. 0 turns it off (and leaves the
+    # random stream of the other augmentations as it was).
+    field_cut_prob: float = 0.0
+    field_cut_depth: tuple[float, float] = (0.0, 1.5)  # how far below the patch minimum (image std units)
 
     def __post_init__(self) -> None:
         for name in (
+            "field_cut_prob",
             "flip_prob",
             "rot90_prob",
             "rotate_prob",
@@ -160,9 +167,10 @@ class AugmentConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"augment.{name}={value} must be a probability in [0, 1]")
-        for name in ("scale_range", "gamma_range", "contrast_range", "noise_std_range", "blur_sigma_range"):
+        ranges = ("scale_range", "gamma_range", "contrast_range", "noise_std_range", "blur_sigma_range")
+        for name in (*ranges, "field_cut_depth"):
             low, high = getattr(self, name)
-            if not 0.0 <= low <= high or (name != "noise_std_range" and low <= 0.0):
+            if not 0.0 <= low <= high or (name not in ("noise_std_range", "field_cut_depth") and low <= 0.0):
                 raise ValueError(f"augment.{name}=({low}, {high}) must be a range 0 < low <= high")
         if self.max_rotate_deg < 0 or self.brightness_std < 0:
             raise ValueError("augment.max_rotate_deg and augment.brightness_std must be >= 0")

@@ -13,8 +13,9 @@ picked uniformly from a uniformly picked case (so a single thin artery in a larg
 the rest are placed uniformly. A patch is cut with one affine warp that also applies the geometric
 augmentation (mirror, rot90, small rotation, zoom) about the patch centre; without augmentation the warp
 is an exact pixel copy. Pixels beyond the image are 0, which after normalisation is the image mean, the
-same value sliding-window inference pads with. Intensity augmentation (gamma, contrast, brightness,
-noise, blur) then acts on the normalised patch.
+same value sliding-window inference pads with. An optional field cut (a dark, vessel-free region beyond
+a random edge) and intensity augmentation (gamma, contrast, brightness, noise, blur) then act on the
+normalised patch.
 """
 
 from __future__ import annotations
@@ -139,6 +140,33 @@ def _augment_intensity(patch_PPC: np.ndarray, rng: np.random.Generator, augment:
         )
 
 
+def _cut_field(
+    patch_PPC: np.ndarray, mask_PP: np.ndarray, rng: np.random.Generator, augment: AugmentConfig
+) -> None:
+    """Field-cut augmentation of one normalised patch and its mask, in place (AugmentConfig.field_cut_*).
+
+    An edge crosses the patch: a straight line through a random point, or an arc of a circle 0.5-3 patch
+    sides wide through it. Beyond it the patch fades, over 1-3 px, to a flat level darker than the patch's
+    minimum (with a little noise), and the mask is cleared wherever the fade is past half.
+    """
+    p = patch_PPC.shape[0]
+    yy, xx = np.mgrid[0:p, 0:p].astype(np.float32)
+    py, px = rng.uniform(0.15 * p, 0.85 * p, size=2)
+    angle = float(rng.uniform(-math.pi, math.pi))
+    ny, nx = math.sin(angle), math.cos(angle)  # towards the inside
+    if rng.random() < 0.5:
+        inside_px = (yy - py) * ny + (xx - px) * nx
+    else:
+        radius = float(rng.uniform(0.5, 3.0)) * p
+        cy, cx = py + radius * ny, px + radius * nx  # the centre lies inside, the edge passes (py, px)
+        inside_px = radius - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    weight = np.clip(inside_px / float(rng.uniform(1.0, 3.0)) + 0.5, 0.0, 1.0)[..., None]
+    level = float(patch_PPC.min()) - float(rng.uniform(*augment.field_cut_depth))
+    flat = level + rng.normal(0.0, float(rng.uniform(0.0, 0.15)), size=patch_PPC.shape).astype(np.float32)
+    patch_PPC[...] = weight * patch_PPC + (1.0 - weight) * flat
+    mask_PP[weight[..., 0] < 0.5] = 0.0
+
+
 class PatchPool:
     """Cases held in memory to cut training patches from; once `max_cases` are held, each new case
     replaces the oldest (a ring), so a stream of synthetic pairs keeps the pool fresh."""
@@ -231,6 +259,9 @@ class PatchPool:
                 borderValue=0,
             )
             if augment is not None:
+                # The draw only happens when the cut is on, so other configs keep their random stream.
+                if augment.field_cut_prob > 0 and rng.random() < augment.field_cut_prob:
+                    _cut_field(patch_PP3, mask_PP, rng, augment)
                 _augment_intensity(patch_PP3, rng, augment)
             images_N3PP[n] = patch_PP3.transpose(2, 0, 1)
             masks_N1PP[n, 0] = mask_PP >= 0.5

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -106,6 +107,36 @@ def test_geometric_augmentation_keeps_image_and_mask_aligned() -> None:
     patches, masks = pool.sample(rng, 16, 32, 0.5, smooth)
     agreement = float(((patches[:, :1] >= 0.5) == (masks > 0.5)).mean())
     assert agreement == 1.0  # same warp, same interpolation, same threshold
+
+
+def test_field_cut_darkens_beyond_an_edge_and_clears_the_mask_there() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(3, 64, 64)).astype(np.float32)
+    mask = np.ones((64, 64), np.uint8)  # vessel everywhere: every cleared pixel shows
+    pool = PatchPool()
+    pool.add(image, mask)
+    cut_only = AugmentConfig(**{**NO_AUGMENT.__dict__, "field_cut_prob": 1.0})
+    shares = []
+    for seed in range(64):
+        # one patch per seed: the draws before the cut are the plain patch's, so the crops are the same
+        patch, cut_mask = pool.sample(np.random.default_rng(seed), 1, 32, 0.0, cut_only)
+        plain, plain_mask = pool.sample(np.random.default_rng(seed), 1, 32, 0.0, NO_AUGMENT)
+        assert plain_mask.all()
+        gone = cut_mask[0, 0] == 0
+        shares.append(float(gone.mean()))
+        # 4 px or more inside the edge (past its 1-3 px fade) the patch is untouched; 4 px or more beyond
+        # it, it is flat and no brighter than the patch's minimum
+        inner = cv2.erode((~gone).astype(np.uint8), np.ones((9, 9), np.uint8), borderValue=1) > 0
+        outer = cv2.erode(gone.astype(np.uint8), np.ones((9, 9), np.uint8), borderValue=1) > 0
+        assert inner.any() and np.array_equal(patch[0][:, inner], plain[0][:, inner])
+        if outer.sum() >= 10:
+            assert patch[0][:, outer].mean() < plain.min() + 0.05
+            assert patch[0][:, outer].std() < 0.2 < plain.std()
+    assert 0 < min(shares) and max(shares) < 1  # every edge crosses its patch
+    assert 0.2 < float(np.mean(shares)) < 0.8
+    assert AugmentConfig().field_cut_prob == 0.0  # off unless a profile turns it on
+    with pytest.raises(ValueError, match="field_cut_prob"):
+        AugmentConfig(field_cut_prob=1.5)
 
 
 def test_foreground_oversampling_raises_the_vessel_share_of_patches() -> None:

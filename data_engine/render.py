@@ -417,54 +417,6 @@ def _render_fundus(
     return image, fov
 
 
-def _collimator_gain(radius_px: np.ndarray, rng: np.random.Generator, p: Params) -> np.ndarray | None:
-    """X-ray collimation as a full-size gain (1 in the field, a dark level outside), or None for none.
-
-    Image-intensifier systems show a round field, often off-centre and wider than the frame, so that its
-    rim crosses the image; flat-panel systems show straight shutter blades, or nothing. Outside the field
-    only scatter arrives: dark, not black, and still noisy. The field is grown (blades pulled back) until it
-    holds every vessel, so the labels stay true; it is not returned as a FOV, as real sets of the modality
-    come without one.
-    """
-    shape: tuple[int, int] = radius_px.shape
-    h, w = shape
-    size = min(h, w)
-    kind = _uniform(rng, p, "collimator_draw", 0.0, 1.0)
-    kind_name = "round" if kind < 0.45 else "shutter" if kind < 0.7 else "none"
-    p["collimator"] = kind_name
-    if kind_name == "none":
-        return None
-    yy, xx = _grid(shape)
-    density = _vessel_density_lr(radius_px)
-    occupied = density > 0
-    cell = h / yy.shape[0]
-    if kind_name == "round":
-        cy = h / 2 + _uniform(rng, p, "collimator_dy_frac", -0.15, 0.15) * size
-        cx = w / 2 + _uniform(rng, p, "collimator_dx_frac", -0.15, 0.15) * size
-        radius = _uniform(rng, p, "collimator_radius_frac", 0.48, 0.75) * size
-        radius = max(radius, _covering_radius(density, yy, xx, cy, cx))
-        p["collimator_radius_px"] = radius
-        inside_px = radius - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)  # signed distance to the rim
-    else:
-        # One blade from a random side, tilted a little: the signed distance to its edge line.
-        side = int(rng.integers(0, 4))
-        p["shutter_side"] = side  # 0 top, 1 right, 2 bottom, 3 left
-        depth = _uniform(rng, p, "shutter_depth_frac", 0.04, 0.2) * size
-        tilt = _uniform(rng, p, "shutter_tilt", -0.2, 0.2)
-        ny, nx = [(1.0, 0.0), (0.0, -1.0), (-1.0, 0.0), (0.0, 1.0)][side]  # inward normal of the edge
-        ny, nx = ny * math.cos(tilt) - nx * math.sin(tilt), nx * math.cos(tilt) + ny * math.sin(tilt)
-        # Measured from the middle of that side, so the tilt turns the edge about its centre.
-        oy, ox = [(0.0, w / 2), (h / 2, w), (h, w / 2), (h / 2, 0.0)][side]
-        inside_px = (yy - oy) * ny + (xx - ox) * nx - depth
-        if occupied.any():  # pull the blade back to leave a cell of margin around every vessel
-            inside_px += max(0.0, cell - float(inside_px[occupied].min()))
-    soft = _uniform(rng, p, "collimator_soft_px", 1.0, 4.0) * size / 512.0
-    outside = _uniform(rng, p, "collimator_outside_level", 0.08, 0.3)
-    edge = _upsample(inside_px.astype(np.float32), shape)
-    edge = _smoothstep(edge / np.float32(max(soft, 0.5)) + np.float32(0.5))
-    return cv2.addWeighted(edge, 1.0 - outside, edge, 0.0, outside)  # outside + (1 - outside) * edge
-
-
 def _render_xca(
     mask: np.ndarray, radius_px: np.ndarray, rng: np.random.Generator, p: Params
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -529,10 +481,6 @@ def _render_xca(
     cv2.multiply(chord, _upsample((mu * np.maximum(filling, 0.3)).astype(np.float32), shape), dst=chord)
     intensity = cv2.subtract(log_bg, chord)
     cv2.exp(intensity, dst=intensity)
-
-    gain = _collimator_gain(radius_px, rng, p)
-    if gain is not None:
-        cv2.multiply(intensity, gain, dst=intensity)
 
     # Quantum noise: photon counts are Poisson, so sigma grows as sqrt(intensity).
     quanta = _uniform(rng, p, "quanta_per_px", 300.0, 2500.0)

@@ -170,8 +170,10 @@ class AugmentConfig:
         ranges = ("scale_range", "gamma_range", "contrast_range", "noise_std_range", "blur_sigma_range")
         for name in (*ranges, "field_cut_depth"):
             low, high = getattr(self, name)
-            if not 0.0 <= low <= high or (name not in ("noise_std_range", "field_cut_depth") and low <= 0.0):
-                raise ValueError(f"augment.{name}=({low}, {high}) must be a range 0 < low <= high")
+            may_be_zero = name in ("noise_std_range", "field_cut_depth")
+            if not 0.0 <= low <= high or (not may_be_zero and low <= 0.0):
+                bound = "0 <= low" if may_be_zero else "0 < low"
+                raise ValueError(f"augment.{name}=({low}, {high}) must be a range {bound} <= high")
         if self.max_rotate_deg < 0 or self.brightness_std < 0:
             raise ValueError("augment.max_rotate_deg and augment.brightness_std must be >= 0")
 

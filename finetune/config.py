@@ -495,6 +495,22 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class RehearsalConfig:
+    """Rehearsal: pairs of the engine corpus a pretrained segmenter learned from, mixed back into the
+    synthetic stream of univg and univg_gen while they fine-tune, against forgetting what the corpus taught
+    (such as: flat dark regions outside a field of view hold no vessels). Off while `corpus` is empty."""
+
+    corpus: str = ""  # a shard corpus folder (`univg shards build`): the one the segmenter was pretrained on
+    share: float = 0.25  # fraction of the synthetic stream's pairs that are corpus pairs (ratio, in (0, 1))
+    modalities: tuple[str, ...] = ()  # corpus modalities to draw from; () = every one it holds
+    seed: int = 0  # shuffles the corpus shard order
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share < 1.0:
+            raise ValueError(f"rehearsal.share={self.share} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """A few-shot fine-tuning run (`configs/finetune/*.yaml`)."""
 
@@ -510,6 +526,7 @@ class FinetuneConfig:
     # start from; "" = from scratch. The baseline and full supervision always start from scratch (they are
     # the references), so the gain it brings shows in the univg columns.
     pretrained_segmenter: str = ""
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)  # corpus pairs mixed in (default off)
     overlays: bool = True  # write overlay pictures of every scored case
     max_eval_cases: int = 0  # score only the first N eval cases (count; 0 = all): quick looks, not results
 

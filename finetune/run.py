@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -302,6 +303,69 @@ class _ShardPairs:
             yield sample.image, sample.mask
 
 
+class _WithRehearsal:
+    """A re-iterable synthetic set with engine-corpus pairs mixed in (rehearsal): of each pass's pairs,
+    `share` are corpus pairs, spread evenly, and the rest the set's own, in their order. The corpus pairs go
+    on from one pass to the next, so a long fine-tuning keeps seeing new ones. An empty set mixes in
+    nothing."""
+
+    def __init__(self, synthetic: Any, corpus: Any, share: float) -> None:
+        self.synthetic = synthetic
+        self.corpus = corpus  # an endless iterator of (image, mask) pairs
+        self.share = share
+
+    def __iter__(self) -> Any:
+        own = iter(self.synthetic)
+        n = 0
+        while True:
+            if math.floor((n + 1) * self.share) > math.floor(n * self.share):
+                yield next(self.corpus)
+            else:
+                try:
+                    yield next(own)
+                except StopIteration:
+                    return
+            n += 1
+
+
+def check_rehearsal(cfg: FinetuneConfig) -> None:
+    """The rehearsal corpus is a readable shard corpus holding the asked modalities (ValueError if not)."""
+    r = cfg.rehearsal
+    if not r.corpus:
+        return
+    from shards.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(r.corpus)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"rehearsal.corpus={r.corpus}: not a shard corpus ({e})") from e
+    missing = sorted(set(r.modalities) - set(manifest.modalities))
+    if missing:
+        raise ValueError(
+            f"rehearsal.corpus={r.corpus} holds no {missing} samples; it holds {sorted(manifest.modalities)}"
+        )
+
+
+def with_rehearsal(cfg: FinetuneConfig, synthetic: Any, draw: int, method: str = "univg") -> Any:
+    """The synthetic set, with corpus pairs mixed in when cfg.rehearsal.corpus is set; the corpus stream
+    depends only on the seed and the draw, so a resumed run trains on what a whole one would."""
+    r = cfg.rehearsal
+    if not r.corpus or synthetic is None:
+        return synthetic
+    from finetune.pretrain_segmenter import corpus_pairs
+
+    corpus = corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
+    log.info(
+        "draw %d: %s rehearses %.0f%% corpus pairs (%s) from %s",
+        draw,
+        method,
+        100 * r.share,
+        ",".join(r.modalities) or "every modality",
+        r.corpus,
+    )
+    return _WithRehearsal(synthetic, corpus, r.share)
+
+
 # --- the run ---
 
 
@@ -347,6 +411,7 @@ def run_finetune(
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
     generator = resolve_generator(generator_dir, cfg)
+    check_rehearsal(cfg)
     init = None
     if cfg.pretrained_segmenter and {"univg", "univg_gen"} & set(cfg.methods):
         from finetune.segmenter import load_initial_weights
@@ -403,7 +468,7 @@ def run_finetune(
                         loaded,
                         split.train,
                         split.eval,
-                        synthetic,
+                        with_rehearsal(cfg, synthetic, d),
                         draw_dir / "univg",
                         {**base_info, "method": "univg"},
                         progress,
@@ -426,7 +491,9 @@ def run_finetune(
                         loaded,
                         split.train,
                         split.eval,
-                        None if syn_dir is None else _ShardPairs(syn_dir),
+                        with_rehearsal(
+                            cfg, None if syn_dir is None else _ShardPairs(syn_dir), d, "univg_gen"
+                        ),
                         gen_dir,
                         {**base_info, "method": "univg_gen", "feedback": selection},
                         progress,

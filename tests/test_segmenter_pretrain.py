@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from finetune_testdata import write_task
 
 from finetune.config import load_finetune_config
 from finetune.pretrain_segmenter import corpus_pairs, pretrain_segmenter
-from finetune.run import run_finetune
+from finetune.run import run_finetune, with_rehearsal
 from finetune.segmenter import Segmenter, build_network, train_segmenter
 from shards.build import build_corpus
 from shards.config import load_corpus_config
@@ -141,3 +142,43 @@ def test_cli(corpus: Path, tmp_path: Path) -> None:
     assert json.loads((out / "model" / "config.json").read_text())["record"]["history"][-1]["step"] == 2
     again = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_rehearsal_mixes_corpus_pairs_into_the_synthetic_stream(corpus: Path) -> None:
+    own = [(np.full((64, 64, 3), 200 + k, np.uint8), np.eye(64, dtype=np.uint8) * 255) for k in range(12)]
+    cfg = load_finetune_config(TINY, [f"rehearsal.corpus={corpus}", "rehearsal.share=0.25"])
+    stream = with_rehearsal(cfg, own, draw=0)
+    first, second = list(stream), list(stream)
+    assert len(first) == len(second) == 16  # 12 own pairs and a quarter of 16 from the corpus
+    mine = [p for p in first if p[0].ndim == 3 and p[0].shape == (64, 64, 3) and p[0].min() >= 200]
+    assert [int(p[0][0, 0, 0]) for p in mine] == list(range(200, 212))  # in their order
+    reference = corpus_pairs(corpus, seed=cfg.rehearsal.seed)  # draw 0: the rehearsal seed itself
+    expected = [next(reference) for _ in range(8)]
+    mixed = [first[i] for i in (3, 7, 11, 15)] + [second[i] for i in (3, 7, 11, 15)]  # spread evenly
+    for (image, mask), (want_image, want_mask) in zip(mixed, expected, strict=True):
+        assert np.array_equal(image, want_image) and np.array_equal(mask, want_mask)  # and new each pass
+    other_draw = list(with_rehearsal(cfg, own, draw=1))
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other_draw, strict=True))
+    assert with_rehearsal(load_finetune_config(TINY), own, draw=0) is own  # off unless a corpus is named
+
+
+def test_rehearsal_in_a_run_and_its_bad_input(corpus: Path, pretrained: Path, tmp_path: Path) -> None:
+    task = write_task(tmp_path / "task", ["train"] * 3 + ["test"] * 2, size=(56, 64), colour=True)
+    base = [f"pretrained_segmenter={pretrained}", "split.num_draws=1", "methods=[univg]"]
+    cfg = load_finetune_config(TINY, [*base, f"rehearsal.corpus={corpus}", "rehearsal.modalities=[fundus]"])
+    summary = run_finetune(task, tmp_path / "run", cfg, progress=False)
+    assert summary["methods"]["univg"]["num_draws"] == 1
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["rehearsal"]["corpus"] == str(corpus) and saved["rehearsal"]["modalities"] == ["fundus"]
+    log = (tmp_path / "run" / "finetune.log").read_text()
+    assert "draw 0: univg rehearses 25% corpus pairs (fundus)" in log
+    for bad, message in (
+        (f"rehearsal.corpus={tmp_path / 'nothing'}", "not a shard corpus"),
+        ("rehearsal.modalities=[ultrasound]", r"holds no \['ultrasound'\]"),
+    ):
+        wrong = load_finetune_config(TINY, [*base, f"rehearsal.corpus={corpus}", bad])
+        with pytest.raises(ValueError, match=message):
+            run_finetune(task, tmp_path / "run2", wrong, progress=False)
+        assert not (tmp_path / "run2").exists()  # stopped before writing anything
+    with pytest.raises(ValueError, match="rehearsal.share"):
+        load_finetune_config(TINY, ["rehearsal.share=1.0"])

@@ -11,7 +11,11 @@ as the start, scored on the test split like `univg finetune` scores. Without --b
 label (run folder `<out>/<set>/full_pretrained`). With it: the real shots alone, with the standard
 augmentation and no synthetic pairs, on the same draws as `univg finetune --shots K` (`<out>/<set>/
 baseline_pretrained_shots_<K>/draw_<d>`): what pretraining gives without the engine's synthesis from the
-shots. Prints the Dice per run and, for baselines, the mean and std over the draws. Runs resume.
+shots. With `rehearsal.corpus=<shards>` among the overrides, the baselines also rehearse that corpus
+(`<out>/<set>/baseline_pretrained_rehearsal_shots_<K>/draw_<d>`): corpus pairs make up the same share of each
+batch as in univg with rehearsal (patch.synthetic_fraction x rehearsal.share), the rest are the shots, so
+the difference to univg is the synthesis from the shots alone. Prints the Dice per run and, for baselines,
+the mean and std over the draws. Runs resume.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 from data_engine.ingest import read_task  # noqa: E402
 from finetune.config import load_finetune_config  # noqa: E402
+from finetune.pretrain_segmenter import corpus_pairs  # noqa: E402
 from finetune.run import load_cases, plan_splits, profile_path, train_and_evaluate  # noqa: E402
 
 
@@ -85,21 +90,32 @@ def main() -> int:
             continue
         for shots in shot_counts:
             draws_cfg = replace(cfg, split=replace(cfg.split, shots=shots, num_draws=args.draws))
+            rehearse = bool(cfg.rehearsal.corpus)
+            if rehearse:  # the corpus takes univg's corpus share of the batch; the shots take the rest
+                fraction = cfg.segmenter.patch.synthetic_fraction * cfg.rehearsal.share
+                patch = replace(cfg.segmenter.patch, synthetic_fraction=fraction)
+                draws_cfg = replace(draws_cfg, segmenter=replace(cfg.segmenter, patch=patch))
             splits = plan_splits(task, path, draws_cfg, None)
             loaded = load_cases(task, {n for s in splits for n in s.train + s.eval}, progress=False)
             dice = baselines.setdefault(name, {}).setdefault(shots, [])
             for d, split in enumerate(splits):
                 started = time.perf_counter()
-                folder = args.out / name / f"baseline_pretrained_shots_{shots}" / f"draw_{d}"
+                kind = "baseline_pretrained_rehearsal" if rehearse else "baseline_pretrained"
+                folder = args.out / name / f"{kind}_shots_{shots}" / f"draw_{d}"
                 info = {
-                    "method": "baseline_pretrained",
+                    "method": kind,
                     "task_path": str(path),
                     "cases_from": split.eval_from,
                     "draw": d,
                     "shots": split.train,
                 }
+                corpus = None
+                if rehearse:
+                    r = cfg.rehearsal
+                    modalities = set(r.modalities) if r.modalities else None
+                    corpus = corpus_pairs(r.corpus, r.seed + 1000 * d, modalities)  # as univg's draw d
                 summary = train_and_evaluate(
-                    draws_cfg, task, loaded, split.train, split.eval, None, folder, info, False, init
+                    draws_cfg, task, loaded, split.train, split.eval, corpus, folder, info, False, init
                 )
                 dice.append(summary["mean"]["dice"])
                 print(

@@ -1,0 +1,96 @@
+"""Error maps of several prediction folders side by side, for the same test cases: a picture to look at.
+
+    python benchmarks/fig_errors.py --task ../shared/data/CIMAT_XCA80/pairs.csv --out docs/errors.jpg \
+        "without rehearsal=runs/fewshot_segpre/CIMAT_XCA80/shots_1/draw_2/univg/eval/pred" \
+        "with rehearsal=runs/fewshot_rehearsal/CIMAT_XCA80/shots_1/draw_2/univg/eval/pred"
+
+One row per case (the first `--num-cases` of the split, in the task's order, unless `--cases` names
+them): image | label | each folder's errors (vessel found white, false red, missed blue, outside the FOV
+dark grey), each titled with its label and the case's Dice inside the FOV. Prediction files are
+`<case>.png` (as `univg finetune` and `univg evaluate` write them) or `<image stem>.png` (`univg segment`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_engine.ingest import load_case, read_task  # noqa: E402
+from finetune.evaluate import error_map  # noqa: E402
+from finetune.synthesis import fit_tile  # noqa: E402
+
+
+def _titled(tile: np.ndarray, text: str) -> np.ndarray:
+    cv2.putText(tile, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--task", required=True, help="task manifest CSV or folder")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: the first ones)")
+    parser.add_argument("--num-cases", type=int, default=3)
+    parser.add_argument("--tile-px", type=int, default=256, help="side of each panel")
+    parser.add_argument("--out", type=Path, required=True, help="picture to write (.png or .jpg)")
+    parser.add_argument("preds", nargs="+", help="LABEL=FOLDER of predicted masks, in panel order")
+    args = parser.parse_args()
+    task_path = Path(args.task)
+    if not task_path.exists():
+        print(f"skipped: no task at {task_path}")
+        return 0
+    folders = []
+    for item in args.preds:
+        label, sep, folder = item.partition("=")
+        if not sep or not Path(folder).is_dir():
+            parser.error(f"{item!r}: expected LABEL=FOLDER with an existing folder")
+        folders.append((label, Path(folder)))
+    cases = read_task(task_path).split(args.split)
+    if args.cases:
+        wanted = args.cases.split(",")
+        by_name = {c.name: c for c in cases}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            parser.error(f"no {args.split} case named {missing}")
+        cases = [by_name[n] for n in wanted]
+    else:
+        cases = cases[: args.num_cases]
+    t = args.tile_px
+    rows = []
+    for case in cases:
+        image, label, fov = load_case(case)
+        truth = label > 0
+        inside = np.ones(truth.shape, bool) if fov is None else fov > 0
+        tiles = [_titled(fit_tile(image, t), case.name), _titled(fit_tile(label, t), "label")]
+        for name, folder in folders:
+            path = folder / f"{case.name}.png"
+            if not path.is_file():
+                path = folder / f"{case.image_path.stem}.png"
+            pred = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            if pred is None:
+                raise SystemExit(f"{folder}: no prediction for case {case.name} ({path})")
+            found = pred > 127
+            both = int((found & truth & inside).sum())
+            total = int((found & inside).sum()) + int((truth & inside).sum())
+            dice = 2 * both / total if total else 1.0
+            tiles.append(_titled(fit_tile(error_map(found, truth, fov), t), f"{name}: Dice {dice:.3f}"))
+        gap = np.full((t, 4, 3), 96, np.uint8)
+        rows.append(np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1))
+    band = np.full((4, rows[0].shape[1], 3), 96, np.uint8)
+    picture = np.concatenate([x for row in rows for x in (row, band)][:-1])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(args.out), picture, [cv2.IMWRITE_JPEG_QUALITY, 88]):
+        raise SystemExit(f"could not write {args.out}")
+    print(f"wrote {args.out} ({len(cases)} cases x {len(folders)} prediction folders)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

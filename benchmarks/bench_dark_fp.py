@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_engine.ingest import load_case, read_task  # noqa: E402
+from finetune.evaluate import match_predictions, read_prediction  # noqa: E402
 
 
 def main() -> int:
@@ -41,19 +42,15 @@ def main() -> int:
     kernel = np.ones((2 * args.band_px + 1, 2 * args.band_px + 1), np.uint8)
     for folder in args.pred:
         tp = fp = fn = fp_dark = 0
+        files = match_predictions(folder, cases)
         for case in cases:
-            path = folder / f"{case.name}.png"
-            if not path.is_file():
-                path = folder / f"{case.image_path.stem}.png"
-            pred = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            if pred is None:
-                raise SystemExit(f"{folder}: no prediction for case {case.name} ({path})")
+            pred, _prob = read_prediction(files[case.name][0], 0.5)
             image, label, fov = load_case(case)
             grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
             dark = (cv2.blur(grey, (9, 9)) < args.dark_level).astype(np.uint8)
             near_dark = cv2.dilate(dark, kernel) > 0
             inside = np.ones(label.shape, bool) if fov is None else fov > 0
-            found, truth = (pred > 127) & inside, (label > 0) & inside
+            found, truth = pred & inside, (label > 0) & inside
             false = found & ~truth
             tp += int((found & truth).sum())
             fp += int(false.sum())

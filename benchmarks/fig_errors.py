@@ -7,7 +7,7 @@
 One row per case (the first `--num-cases` of the split, in the task's order, unless `--cases` names
 them): image | label | each folder's errors (vessel found white, false red, missed blue, outside the FOV
 dark grey), each titled with its label and the case's Dice inside the FOV. Prediction files are
-`<case>.png` (as `univg finetune` and `univg evaluate` write them) or `<image stem>.png` (`univg segment`).
+matched to cases as `univg evaluate` matches them (named after the case, its image or its mask).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_engine.ingest import load_case, read_task  # noqa: E402
-from finetune.evaluate import error_map  # noqa: E402
+from finetune.evaluate import error_map, match_predictions, read_prediction  # noqa: E402
 from finetune.synthesis import fit_tile  # noqa: E402
 
 
@@ -62,6 +62,7 @@ def main() -> int:
         cases = [by_name[n] for n in wanted]
     else:
         cases = cases[: args.num_cases]
+    matched = [match_predictions(folder, cases) for _name, folder in folders]  # ValueError names the missing
     t = args.tile_px
     rows = []
     for case in cases:
@@ -69,14 +70,8 @@ def main() -> int:
         truth = label > 0
         inside = np.ones(truth.shape, bool) if fov is None else fov > 0
         tiles = [_titled(fit_tile(image, t), case.name), _titled(fit_tile(label, t), "label")]
-        for name, folder in folders:
-            path = folder / f"{case.name}.png"
-            if not path.is_file():
-                path = folder / f"{case.image_path.stem}.png"
-            pred = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            if pred is None:
-                raise SystemExit(f"{folder}: no prediction for case {case.name} ({path})")
-            found = pred > 127
+        for (name, _folder), files in zip(folders, matched, strict=True):
+            found, _prob = read_prediction(files[case.name][0], 0.5)
             both = int((found & truth & inside).sum())
             total = int((found & inside).sum()) + int((truth & inside).sum())
             dice = 2 * both / total if total else 1.0

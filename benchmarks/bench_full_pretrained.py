@@ -37,8 +37,13 @@ DATA = ROOT.parent / "shared" / "data"
 
 from data_engine.ingest import read_task  # noqa: E402
 from finetune.config import load_finetune_config  # noqa: E402
-from finetune.pretrain_segmenter import corpus_pairs  # noqa: E402
-from finetune.run import load_cases, plan_splits, profile_path, train_and_evaluate  # noqa: E402
+from finetune.run import (  # noqa: E402
+    load_cases,
+    plan_splits,
+    profile_path,
+    rehearsal_pairs,
+    train_and_evaluate,
+)
 
 
 def main() -> int:
@@ -98,9 +103,9 @@ def main() -> int:
             splits = plan_splits(task, path, draws_cfg, None)
             loaded = load_cases(task, {n for s in splits for n in s.train + s.eval}, progress=False)
             dice = baselines.setdefault(name, {}).setdefault(shots, [])
+            kind = "baseline_pretrained_rehearsal" if rehearse else "baseline_pretrained"
             for d, split in enumerate(splits):
                 started = time.perf_counter()
-                kind = "baseline_pretrained_rehearsal" if rehearse else "baseline_pretrained"
                 folder = args.out / name / f"{kind}_shots_{shots}" / f"draw_{d}"
                 info = {
                     "method": kind,
@@ -109,11 +114,7 @@ def main() -> int:
                     "draw": d,
                     "shots": split.train,
                 }
-                corpus = None
-                if rehearse:
-                    r = cfg.rehearsal
-                    modalities = set(r.modalities) if r.modalities else None
-                    corpus = corpus_pairs(r.corpus, r.seed + 1000 * d, modalities)  # as univg's draw d
+                corpus = rehearsal_pairs(cfg, d) if rehearse else None  # what univg's draw d rehearses
                 summary = train_and_evaluate(
                     draws_cfg, task, loaded, split.train, split.eval, corpus, folder, info, False, init
                 )

@@ -346,15 +346,22 @@ def check_rehearsal(cfg: FinetuneConfig) -> None:
         )
 
 
-def with_rehearsal(cfg: FinetuneConfig, synthetic: Any, draw: int, method: str = "univg") -> Any:
-    """The synthetic set, with corpus pairs mixed in when cfg.rehearsal.corpus is set; the corpus stream
+def rehearsal_pairs(cfg: FinetuneConfig, draw: int) -> Any:
+    """The endless stream of corpus pairs that draw `draw` rehearses (cfg.rehearsal.corpus must be set); it
     depends only on the seed and the draw, so a resumed run trains on what a whole one would."""
+    from finetune.pretrain_segmenter import corpus_pairs
+
+    r = cfg.rehearsal
+    return corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
+
+
+def with_rehearsal(cfg: FinetuneConfig, synthetic: Any, draw: int, method: str = "univg") -> Any:
+    """The synthetic set, with the draw's corpus pairs (rehearsal_pairs) mixed in when cfg.rehearsal.corpus
+    is set."""
     r = cfg.rehearsal
     if not r.corpus or synthetic is None:
         return synthetic
-    from finetune.pretrain_segmenter import corpus_pairs
-
-    corpus = corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
+    corpus = rehearsal_pairs(cfg, draw)
     log.info(
         "draw %d: %s rehearses %.0f%% corpus pairs (%s) from %s",
         draw,

@@ -9,7 +9,9 @@ vs full supervision, each with the same segmenter and step budget (`univg finetu
 
 Reads the sets from ../shared/data (skips those absent). Each (set, shots) is one run folder
 `<out>/<set>/shots_<k>` (methods univg + baseline, --draws draws); full supervision is one run per set,
-`<out>/<set>/full`. Runs resume, so a killed benchmark continues where it stopped. Writes
+`<out>/<set>/full` (with `--full-seeds N`, also `<out>/<set>/full_seed<s>` for segmenter seeds 1..N-1, so
+full supervision gets a mean and std over training seeds too; `--shots ""` runs full supervision only).
+Runs resume, so a killed benchmark continues where it stopped. Writes
 `<out>/fewshot.json`, `<out>/fewshot.md` (the table) and `<out>/fewshot_dice.png` (Dice against shots).
 """
 
@@ -30,9 +32,13 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
 
 
-def run_job(job: tuple[str, int | None, int, str, str, list[str], int, str]) -> str:
-    """One run folder: full supervision of a set (shots None) or the few-shot methods at `shots`."""
-    name, shots, draws, profile, out, overrides, threads, methods = job
+Job = tuple[str, int | None, int, str, str, list[str], int, str, int]
+
+
+def run_job(job: Job) -> str:
+    """One run folder: full supervision of a set at segmenter seed `full_seed` (shots None) or the
+    few-shot methods at `shots`."""
+    name, shots, draws, profile, out, overrides, threads, methods, full_seed = job
     import torch
 
     torch.set_num_threads(threads)
@@ -41,8 +47,10 @@ def run_job(job: tuple[str, int | None, int, str, str, list[str], int, str]) -> 
 
     task = DATA / name / "pairs.csv"
     if shots is None:
-        run_dir = Path(out) / name / "full"
+        run_dir = Path(out) / name / full_dir_name(full_seed)
         more = ["methods=[full]", "split.num_draws=1", "split.shots=1"]
+        if full_seed:
+            more.append(f"segmenter.seed={full_seed}")
     else:
         run_dir = Path(out) / name / f"shots_{shots}"
         more = [f"methods=[{methods}]", f"split.num_draws={draws}", f"split.shots={shots}"]
@@ -50,6 +58,19 @@ def run_job(job: tuple[str, int | None, int, str, str, list[str], int, str]) -> 
     started = time.perf_counter()
     run_finetune(task, run_dir, cfg, resume=run_dir.exists(), progress=False)
     return f"{run_dir}: {time.perf_counter() - started:.0f} s"
+
+
+def full_dir_name(seed: int) -> str:
+    """Run folder of full supervision at segmenter seed `seed` (seed 0 keeps the original name)."""
+    return "full" if seed == 0 else f"full_seed{seed}"
+
+
+def _full_summaries(set_dir: Path) -> list[Path]:
+    """Finished full-supervision evaluations of a set folder, seed 0 first, then seeds 1, 2, ..."""
+    runs = [set_dir / "full"] + sorted(
+        set_dir.glob("full_seed*"), key=lambda p: int(p.name.removeprefix("full_seed") or 0)
+    )
+    return [f for f in (r / "full" / "eval" / "summary.json" for r in runs) if f.is_file()]
 
 
 def _stats(dice_per_draw: list[float], cldice_per_draw: list[float]) -> dict[str, Any]:
@@ -80,12 +101,12 @@ def collect(out: Path, baseline_from: Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for set_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         entry: dict[str, Any] = {"shots": {}}
-        full = set_dir / "full" / "full" / "eval" / "summary.json"
-        if not full.is_file() and baseline_from is not None:
-            full = baseline_from / set_dir.name / "full" / "full" / "eval" / "summary.json"
-        if full.is_file():
-            m = json.loads(full.read_text())["mean"]
-            entry["full"] = _stats([m["dice"]], [m["cldice"]])
+        full = _full_summaries(set_dir)
+        if not full and baseline_from is not None and (baseline_from / set_dir.name).is_dir():
+            full = _full_summaries(baseline_from / set_dir.name)
+        if full:  # over training seeds: full supervision has no draw of shots
+            means = [json.loads(f.read_text())["mean"] for f in full]
+            entry["full"] = _stats([m["dice"] for m in means], [m["cldice"] for m in means])
         for run in sorted(set_dir.glob("shots_*")):
             methods: dict[str, Any] = {}
             where = {m: run for m in ("univg", "univg_gen", "baseline")}
@@ -158,7 +179,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             std = [entry["shots"][k][method]["dice"]["std"] for k in xs]
             ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=colour, label=method)
         if "full" in entry:
-            ax.axhline(entry["full"]["dice"]["mean"], color="black", ls="--", label="full supervision")
+            full = entry["full"]["dice"]
+            ax.axhline(full["mean"], color="black", ls="--", label="full supervision")
+            if full["std"] > 0:  # spread over training seeds
+                ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.08)
         ax.set_title(name)
         ax.set_xlabel("real labelled shots")
         ax.set_ylabel("Dice (test split)")
@@ -175,7 +199,9 @@ def main() -> int:
     parser.add_argument(
         "--sets", default=",".join(SETS), help="comma-separated set folders in ../shared/data"
     )
-    parser.add_argument("--shots", default="1,3,5", help="comma-separated shot counts")
+    parser.add_argument(
+        "--shots", default="1,3,5", help='comma-separated shot counts ("" for full supervision only)'
+    )
     parser.add_argument("--draws", type=int, default=3, help="draws per shot count")
     parser.add_argument("--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_fewshot"))
@@ -185,6 +211,12 @@ def main() -> int:
         "--methods", default="univg,baseline", help="few-shot methods to run (comma-separated)"
     )
     parser.add_argument("--skip-full", action="store_true", help="do not run full supervision")
+    parser.add_argument(
+        "--full-seeds",
+        type=int,
+        default=1,
+        help="full supervision at segmenter seeds 0..N-1 (mean and std over them; default 1)",
+    )
     parser.add_argument(
         "--baseline-from",
         type=Path,
@@ -202,13 +234,13 @@ def main() -> int:
         for n in sorted(set(args.sets.split(",")) - set(sets)):
             print(f"skipped {n}: no {DATA / n / 'pairs.csv'}")
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        shot_counts = [int(k) for k in args.shots.split(",")]
+        shot_counts = [int(k) for k in args.shots.split(",") if k.strip()]
         common = (args.draws, args.profile, str(args.out), args.overrides, threads, args.methods)
         # full supervision first, then the shot counts in the order given (most wanted first)
-        jobs: list[tuple[str, int | None, int, str, str, list[str], int, str]] = []
+        jobs: list[Job] = []
         if not args.skip_full:
-            jobs += [(n, None, *common) for n in sets]
-        jobs += [(n, k, *common) for k in shot_counts for n in sets]
+            jobs += [(n, None, *common, s) for s in range(args.full_seeds) for n in sets]
+        jobs += [(n, k, *common, 0) for k in shot_counts for n in sets]
         if args.jobs == 1:
             for job in jobs:
                 print(run_job(job), flush=True)

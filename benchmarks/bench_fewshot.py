@@ -151,6 +151,8 @@ def table(results: dict[str, Any]) -> str:
     ]
     for name, entry in results.items():
         full = entry.get("full")
+        if not entry["shots"]:  # full supervision only (--shots "")
+            lines.append(f"| {name} | - | - | - | - | {_cell(full)} | - | - |")
         for k in sorted(entry["shots"]):
             methods = entry["shots"][k]
             u, b = methods.get("univg"), methods.get("baseline")

@@ -309,12 +309,16 @@ class _WithRehearsal:
     on from one pass to the next, so a long fine-tuning keeps seeing new ones. An empty set mixes in
     nothing."""
 
-    def __init__(self, synthetic: Any, corpus: Any, share: float) -> None:
+    def __init__(self, synthetic: Any, corpus: Any, share: float, announce: str = "") -> None:
         self.synthetic = synthetic
         self.corpus = corpus  # an endless iterator of (image, mask) pairs
         self.share = share
+        self.announce = announce  # logged when training first draws from the set (not for a finished stage)
 
     def __iter__(self) -> Any:
+        if self.announce:
+            log.info("%s", self.announce)
+            self.announce = ""
         own = iter(self.synthetic)
         n = 0
         while True:
@@ -361,16 +365,10 @@ def with_rehearsal(cfg: FinetuneConfig, synthetic: Any, draw: int, method: str =
     r = cfg.rehearsal
     if not r.corpus or synthetic is None:
         return synthetic
-    corpus = rehearsal_pairs(cfg, draw)
-    log.info(
-        "draw %d: %s rehearses %.0f%% corpus pairs (%s) from %s",
-        draw,
-        method,
-        100 * r.share,
-        ",".join(r.modalities) or "every modality",
-        r.corpus,
-    )
-    return _WithRehearsal(synthetic, corpus, r.share)
+    modalities = ",".join(r.modalities) or "every modality"
+    share = f"{100 * r.share:.0f}%"
+    announce = f"draw {draw}: {method} rehearses {share} corpus pairs ({modalities}) from {r.corpus}"
+    return _WithRehearsal(synthetic, rehearsal_pairs(cfg, draw), r.share, announce)
 
 
 # --- the run ---

@@ -172,6 +172,9 @@ def test_rehearsal_in_a_run_and_its_bad_input(corpus: Path, pretrained: Path, tm
     assert saved["rehearsal"]["corpus"] == str(corpus) and saved["rehearsal"]["modalities"] == ["fundus"]
     log = (tmp_path / "run" / "finetune.log").read_text()
     assert "draw 0: univg rehearses 25% corpus pairs (fundus)" in log
+    run_finetune(task, tmp_path / "run", cfg, resume=True, progress=False)  # finished: trains nothing
+    log = (tmp_path / "run" / "finetune.log").read_text()
+    assert "done already" in log and log.count("univg rehearses") == 1  # and says no rehearsal either
     for bad, message in (
         (f"rehearsal.corpus={tmp_path / 'nothing'}", "not a shard corpus"),
         ("rehearsal.modalities=[ultrasound]", r"holds no \['ultrasound'\]"),

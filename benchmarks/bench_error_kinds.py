@@ -72,7 +72,7 @@ def main() -> int:
         print(f"skipped: no task at {task_path}")
         return 0
     cases = read_task(task_path).split(args.split)
-    truth: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    truth: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for case in cases:
         image, label, fov = load_case(case)
         inside = np.ones(label.shape, bool) if fov is None else fov > 0

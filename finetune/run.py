@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -590,6 +591,38 @@ def _summarise(
         "synthetic_pairs_per_draw": cfg.synthesis.num_pairs if "univg" in methods else 0,
         "methods": methods,
         "wall_s": round(wall_s, 1),
+        "machine": machine_record(),
+    }
+
+
+def machine_record() -> dict[str, Any]:
+    """What the scores were computed on. CPU training repeats bit for bit on one machine, but not across
+    CPUs with other vector units (their float kernels round differently), so a run records its CPU, the
+    vector level torch uses, the GPU if any, and the numeric packages' versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux: the marketing name; elsewhere platform's answer stays
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "numpy", "opencv-python-headless", "monai", "accelerate"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "packages": versions,
     }
 
 
@@ -641,6 +674,15 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         "Synthetic pairs of draw 0: `draw_0/synthetic/preview.png`.",
         "",
     ]
+    m = summary.get("machine")
+    if m:
+        lines += [
+            f"Machine: {m['cpu']} ({m['cpu_capability']}, {m['cpu_count']} cores)"
+            + (f", GPU {m['gpu']}" if m["gpu"] else "")
+            + f"; torch {m['packages']['torch']}, Python {m['python']}. CPU results repeat bit for bit on"
+            " the same machine, not always on a CPU with other vector units.",
+            "",
+        ]
     (out / "report.md").write_text("\n".join(lines))
 
 

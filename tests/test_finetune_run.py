@@ -4,6 +4,7 @@ resume, the run folder contract, and bad input that must stop the run before it 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from finetune_testdata import DATA, write_task
 
 from finetune.config import FinetuneConfig, load_finetune_config
@@ -83,6 +85,13 @@ def test_summary_aggregates_the_draws(finished_run: Path) -> None:
     assert summary["methods"]["full"]["num_draws"] == 1
     report = (finished_run / "report.md").read_text()
     assert "| univg |" in report and "| baseline |" in report and "| full |" in report
+    # what the scores were computed on: CPU results repeat only on CPUs with the same vector units
+    machine = summary["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert machine["packages"]["numpy"] == np.__version__ and machine["cpu_count"] == os.cpu_count()
+    assert machine["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    assert f"({machine['cpu_capability']}, {machine['cpu_count']} cores)" in report
     picture = cv2.imread(str(finished_run / "comparison.png"))
     assert picture is not None and picture.shape[0] >= 2 * 256  # one row per scored case
 

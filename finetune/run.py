@@ -596,8 +596,8 @@ def _summarise(
 
 
 def machine_record() -> dict[str, Any]:
-    """What the scores were computed on. CPU training repeats bit for bit on one machine, but not across
-    CPUs with other vector units (their float kernels round differently), so a run records its CPU, the
+    """What the scores were computed on. CPU training repeats bit for bit on one machine, but may not on a
+    CPU with other vector units (its float kernels can round differently), so a run records its CPU, the
     vector level torch uses, the GPU if any, and the numeric packages' versions."""
     import platform
     from importlib.metadata import PackageNotFoundError, version

@@ -5,10 +5,10 @@ each model's own training cases for the mirrored prediction (never on test label
     python benchmarks/bench_tta.py --runs runs/bench_fewshot --shots 5
 
 Reads run folders that benchmarks/bench_fewshot.py wrote (`<runs>/<set>/shots_<k>/draw_<d>/<method>/model`
-and `<runs>/<set>/full/full/model`) and the sets from ../shared/data. Prints a table of Dice (test split,
-inside the FOV) per set and method, mean over the draws, plain vs mirrored, and writes it to
-`<runs>/tta.md`. The plain column re-scores the saved model as it was, so it must equal the run's own
-summary (checked).
+and `<runs>/<set>/full*/full/model`: every full-supervision seed) and the sets from ../shared/data. Prints a
+table of Dice (test split, inside the FOV) per set and method, mean over the draws, plain vs mirrored, and
+writes it to `<runs>/tta.md`. The plain column re-scores the saved model as it was, so it must equal the
+run's own summary (checked).
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ def main() -> int:
         task = read_task(DATA / name / "pairs.csv")
         cache: dict = {}
         jobs: list[tuple[str, Path]] = []  # (label, method folder)
-        full = args.runs / name / "full" / "full"
-        if (full / "eval" / "summary.json").is_file():
-            jobs.append(("full", full))
+        # full supervision: seed 0 in full/, further segmenter seeds (--full-seeds) in full_seed<s>/
+        for seed_dir in sorted((args.runs / name).glob("full*")):
+            full = seed_dir / "full"
+            if (full / "eval" / "summary.json").is_file():
+                jobs.append(("full", full))
         for k in args.shots.split(","):
             for draw in sorted((args.runs / name / f"shots_{k}").glob("draw_*")):
                 for method in args.methods.split(","):

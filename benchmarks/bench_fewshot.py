@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,16 @@ import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
+
+
+def machine_line() -> str:
+    """CPU, the vector level torch uses and the core count (CPU scores can differ across vector levels)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from finetune.run import machine_record
+
+    m = machine_record()
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
+    return f"{m['cpu']} ({m['cpu_capability']}), {m['cpu_count']} cores{gpu}"
 
 
 Job = tuple[str, int | None, int, str, str, list[str], int, str, int]
@@ -258,7 +267,7 @@ def main() -> int:
     (args.out / "fewshot.md").write_text(text + "\n")
     plot(results, args.out / "fewshot_dice.png")
     print(text)
-    print(f"\nmachine: {platform.machine()} {platform.processor() or ''} | python {sys.version.split()[0]}")
+    print(f"\nmachine: {machine_line()} | python {sys.version.split()[0]}")
     print(f"command: python benchmarks/bench_fewshot.py {' '.join(sys.argv[1:])}")
     print(f"wrote {args.out / 'fewshot.md'}, {args.out / 'fewshot_dice.png'}")
     return 0

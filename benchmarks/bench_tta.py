@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +29,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 from data_engine.ingest import Task, load_case, read_task  # noqa: E402
 from finetune.metrics import case_metrics  # noqa: E402
+from finetune.run import machine_record  # noqa: E402
 from finetune.segmenter import Segmenter, choose_threshold  # noqa: E402
 
 
@@ -122,7 +122,8 @@ def main() -> int:
     (args.runs / "tta.md").write_text(rows + "\n")
     print(rows)
     command = " ".join(["python", "benchmarks/bench_tta.py", *sys.argv[1:]])
-    print(f"\nmachine: {platform.machine()} | command: {command}")
+    m = machine_record()
+    print(f"\nmachine: {m['cpu']} ({m['cpu_capability']}), {m['cpu_count']} cores | command: {command}")
     return 0
 
 

@@ -207,8 +207,16 @@ class OptimConfig:
     # pull toward the pretrained start after each step, w -= lr * anchor_decay * (w - w_start): L2-SP
     # (Li et al. 2018) decoupled as AdamW decouples weight decay; only with a pretrained start (0: off)
     anchor_decay: float = 0.0
+    # exponential moving average of the weights, w_ema <- d * w_ema + (1 - d) * w after each step from
+    # ema_start_step on; the averaged weights are the ones kept (0: off, keep the last step's)
+    ema_decay: float = 0.0
+    ema_start_step: int = 0  # optimizer steps before the average starts (from a copy of the weights then)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0 <= self.ema_start_step < self.max_steps:
+            raise ValueError(f"optim.ema_start_step={self.ema_start_step} must be in 0..optim.max_steps-1")
         if self.max_steps < 1:
             raise ValueError(f"optim.max_steps={self.max_steps} must be >= 1")
         if self.lr <= 0:

@@ -39,6 +39,7 @@ from monai.losses import DiceLoss, SoftclDiceLoss
 from monai.networks.nets import AttentionUnet, FlexibleUNet, SegResNet, SwinUNETR, UNet
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -463,6 +464,7 @@ def train_segmenter(
         if init_from is not None and cfg.optim.anchor_decay > 0
         else None
     )
+    ema = None  # the weight average that replaces the last step's weights (optim.ema_decay > 0)
     loss_fn = SegmentationLoss(cfg.loss)
     rng = np.random.default_rng([cfg.seed, accelerator.process_index])  # patches differ per process
     num_params = sum(p.numel() for p in network.parameters())
@@ -548,6 +550,14 @@ def train_segmenter(
                     for param, start_value in zip(network.parameters(), anchor, strict=True):
                         param.lerp_(start_value, pull)
             step += 1
+            if cfg.optim.ema_decay > 0 and step > cfg.optim.ema_start_step:
+                if ema is None:  # starts as a copy of the weights after step ema_start_step + 1
+                    ema = AveragedModel(
+                        accelerator.unwrap_model(network),
+                        multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay),
+                        use_buffers=True,
+                    )
+                ema.update_parameters(accelerator.unwrap_model(network))
             bar.update(1)
 
             interval_losses.append(float(loss.detach()))
@@ -583,7 +593,7 @@ def train_segmenter(
     bar.close()
 
     accelerator.wait_for_everyone()
-    trained = accelerator.unwrap_model(network)
+    trained = accelerator.unwrap_model(network) if ema is None else ema.module
     trained.eval()
     segmenter = Segmenter(trained, cfg, cfg.infer.threshold, mixed_precision=mixed)
     threshold_source = "config"
@@ -602,7 +612,8 @@ def train_segmenter(
         "synthetic_patches": synthetic_patches,  # per process, over the whole training (count)
         "num_processes": accelerator.num_processes,
         "num_parameters": num_params,
-        "final_loss": history[-1]["loss"],
+        "final_loss": history[-1]["loss"],  # of the trained weights, not of their average
+        "weights": "last step" if ema is None else f"average (ema_decay {cfg.optim.ema_decay})",
         "threshold_source": threshold_source,
         "train_dice_at_threshold": train_dice,
         "wall_s": round(time.perf_counter() - started, 1),

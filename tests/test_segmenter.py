@@ -212,6 +212,39 @@ def test_training_is_seeded_and_learns_on_an_easy_task() -> None:
     assert a.record["train_dice_at_threshold"] is not None
 
 
+def test_weight_average_is_the_exponential_average_of_the_last_steps() -> None:
+    from dataclasses import replace
+
+    cases = real_cases(1, colour=False)
+    base = tiny_config("unet", steps=6)
+
+    def trained(ema_decay: float = 0.0, ema_start_step: int = 0) -> list[torch.Tensor]:
+        cfg = replace(base, optim=replace(base.optim, ema_decay=ema_decay, ema_start_step=ema_start_step))
+        seg = train_segmenter(cfg, cases, progress=False)
+        return [p.detach().clone() for p in seg.network.parameters()]
+
+    last = trained()
+    # started after the last step, the average is a copy of the last weights
+    assert all(torch.equal(a, b) for a, b in zip(trained(ema_decay=0.9, ema_start_step=5), last, strict=True))
+    # started one step earlier: d * w5 + (1 - d) * w6, so its distance from w6 is proportional to d
+    gap = {
+        d: torch.cat(
+            [(a - b).flatten() for a, b in zip(trained(ema_decay=d, ema_start_step=4), last, strict=True)]
+        )
+        for d in (0.3, 0.9)
+    }
+    # the last step (lr ~1e-4 near the end of the cosine) moves weights by up to ~1e-4; float32 rounding of
+    # the differences is ~1e-7
+    assert float(gap[0.9].abs().max()) > 1e-5
+    torch.testing.assert_close(gap[0.3] * 3, gap[0.9], rtol=1e-3, atol=1e-6)
+    cfg = replace(base, optim=replace(base.optim, ema_decay=0.5))
+    assert train_segmenter(cfg, cases, progress=False).record["weights"] == "average (ema_decay 0.5)"
+    with pytest.raises(ValueError, match="ema_decay"):
+        OptimConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="ema_start_step"):
+        OptimConfig(max_steps=5, ema_start_step=5)
+
+
 def test_synthetic_only_and_streamed_synthetic_pairs() -> None:
     rng = np.random.default_rng(3)
 

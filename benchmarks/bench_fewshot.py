@@ -38,7 +38,8 @@ def machine_line() -> str:
 
     m = machine_record()
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
-    return f"{m['cpu']} ({m['cpu_capability']}), {m['cpu_count']} cores{gpu}"
+    cpu_id = f", {m['cpu_id']}" if m.get("cpu_id") else ""
+    return f"{m['cpu']}{cpu_id} ({m['cpu_capability']}), {m['cpu_count']} cores{gpu}"
 
 
 Job = tuple[str, int | None, int, str, str, list[str], int, str, int]

@@ -123,7 +123,9 @@ def main() -> int:
     print(rows)
     command = " ".join(["python", "benchmarks/bench_tta.py", *sys.argv[1:]])
     m = machine_record()
-    print(f"\nmachine: {m['cpu']} ({m['cpu_capability']}), {m['cpu_count']} cores | command: {command}")
+    cpu_id = f", {m['cpu_id']}" if m.get("cpu_id") else ""
+    machine = f"{m['cpu']}{cpu_id} ({m['cpu_capability']}), {m['cpu_count']} cores"
+    print(f"\nmachine: {machine} | command: {command}")
     return 0
 
 

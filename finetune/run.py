@@ -605,9 +605,18 @@ def machine_record() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    cpu_id = None  # x86 family and model: one marketing name ("AMD EPYC") covers CPU generations
     try:
-        with open("/proc/cpuinfo") as f:  # Linux: the marketing name; elsewhere platform's answer stays
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        with open("/proc/cpuinfo") as f:  # Linux: the first CPU's fields; elsewhere platform's answer stays
+            fields: dict[str, str] = {}
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields and "model" in fields:
+            cpu_id = f"family {fields['cpu family']} model {fields['model']}"
     except OSError:
         pass
     versions: dict[str, str | None] = {}
@@ -618,6 +627,7 @@ def machine_record() -> dict[str, Any]:
             versions[package] = None
     return {
         "cpu": cpu,
+        "cpu_id": cpu_id,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -677,7 +687,8 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
     m = summary.get("machine")
     if m:
         lines += [
-            f"Machine: {m['cpu']} ({m['cpu_capability']}, {m['cpu_count']} cores)"
+            f"Machine: {m['cpu']}{', ' + m['cpu_id'] if m.get('cpu_id') else ''}"
+            f" ({m['cpu_capability']}, {m['cpu_count']} cores)"
             + (f", GPU {m['gpu']}" if m["gpu"] else "")
             + f"; torch {m['packages']['torch']}, Python {m['python']}. CPU results repeat bit for bit on"
             " the same machine, not always on a CPU with other vector units.",

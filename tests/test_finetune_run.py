@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,9 @@ def test_summary_aggregates_the_draws(finished_run: Path) -> None:
     # what the scores were computed on: CPU results may differ on a CPU with other vector units
     machine = summary["machine"]
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if platform.machine() in ("x86_64", "AMD64"):  # one marketing name covers CPU generations
+        assert re.fullmatch(r"family \d+ model \d+", machine["cpu_id"])
+        assert f"{machine['cpu']}, {machine['cpu_id']} (" in report
     assert machine["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert machine["packages"]["numpy"] == np.__version__ and machine["cpu_count"] == os.cpu_count()
     assert machine["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)

@@ -512,10 +512,16 @@ class RehearsalConfig:
     share: float = 0.25  # fraction of the synthetic stream's pairs that are corpus pairs (ratio, in (0, 1))
     modalities: tuple[str, ...] = ()  # corpus modalities to draw from; () = every one it holds
     seed: int = 0  # shuffles the corpus shard order
+    # thin the rehearsed corpus masks: keep the pixels farther than thin_px from the background, and every
+    # centreline pixel, so no vessel vanishes (px; 0: off). For a task whose labels are drawn thinner than
+    # the corpus's masks, which rehearsal would otherwise keep teaching
+    thin_px: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share < 1.0:
             raise ValueError(f"rehearsal.share={self.share} must be in (0, 1)")
+        if self.thin_px < 0:
+            raise ValueError(f"rehearsal.thin_px={self.thin_px} must be >= 0")
 
 
 @dataclass(frozen=True)

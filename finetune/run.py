@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import yaml
 
@@ -357,7 +358,21 @@ def rehearsal_pairs(cfg: FinetuneConfig, draw: int) -> Any:
     from finetune.pretrain_segmenter import corpus_pairs
 
     r = cfg.rehearsal
-    return corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
+    pairs = corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
+    if r.thin_px > 0:
+        return ((image, thin_mask(mask, r.thin_px)) for image, mask in pairs)
+    return pairs
+
+
+def thin_mask(mask: np.ndarray, thin_px: float) -> np.ndarray:
+    """The vessel mask (uint8 {0, 255}) without its pixels within thin_px of the background (Euclidean),
+    its centreline kept: a vessel narrower than 2 * thin_px becomes its 1-px skeleton, not nothing."""
+    from skimage.morphology import skeletonize
+
+    vessel = mask > 0
+    inside_px = cv2.distanceTransform(vessel.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    kept = (inside_px > thin_px) | skeletonize(vessel)
+    return kept.astype(np.uint8) * 255
 
 
 def with_rehearsal(cfg: FinetuneConfig, synthetic: Any, draw: int, method: str = "univg") -> Any:

@@ -16,7 +16,7 @@ from finetune_testdata import write_task
 
 from finetune.config import load_finetune_config
 from finetune.pretrain_segmenter import corpus_pairs, pretrain_segmenter
-from finetune.run import run_finetune, with_rehearsal
+from finetune.run import rehearsal_pairs, run_finetune, thin_mask, with_rehearsal
 from finetune.segmenter import Segmenter, build_network, train_segmenter
 from shards.build import build_corpus
 from shards.config import load_corpus_config
@@ -160,6 +160,29 @@ def test_rehearsal_mixes_corpus_pairs_into_the_synthetic_stream(corpus: Path) ->
     other_draw = list(with_rehearsal(cfg, own, draw=1))
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other_draw, strict=True))
     assert with_rehearsal(load_finetune_config(TINY), own, draw=0) is own  # off unless a corpus is named
+
+
+def test_thinned_rehearsal_masks_lose_their_rim_and_keep_every_vessel(corpus: Path) -> None:
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:17, 5:35] = 255  # a vessel 7 px wide
+    mask[25, 5:35] = 255  # and one 1 px wide
+    thin = thin_mask(mask, 1.0)
+    assert set(np.unique(thin)) <= {0, 255}
+    # the 7-px vessel loses its outer row on each side (and its ends); the 1-px one stays as it is
+    assert np.array_equal(np.nonzero(thin[:20, 20])[0], np.arange(11, 16))
+    assert np.array_equal(thin[25], mask[25]) and not (thin & ~mask).any()
+    assert np.count_nonzero(thin_mask(mask, 2.0)[:20, 20]) == 3
+    plain = load_finetune_config(TINY, [f"rehearsal.corpus={corpus}"])
+    thinned = load_finetune_config(TINY, [f"rehearsal.corpus={corpus}", "rehearsal.thin_px=1"])
+    for (image, m), (image_t, m_t) in zip(
+        (next(p) for p in [rehearsal_pairs(plain, 0)] * 4),
+        (next(p) for p in [rehearsal_pairs(thinned, 0)] * 4),
+        strict=True,
+    ):
+        assert np.array_equal(image, image_t)  # the same corpus pairs, in the same order
+        assert np.array_equal(m_t, thin_mask(m, 1.0)) and np.count_nonzero(m_t) < np.count_nonzero(m)
+    with pytest.raises(ValueError, match="rehearsal.thin_px"):
+        load_finetune_config(TINY, ["rehearsal.thin_px=-1"])
 
 
 def test_rehearsal_in_a_run_and_its_bad_input(corpus: Path, pretrained: Path, tmp_path: Path) -> None:

@@ -34,12 +34,10 @@ SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
 def machine_line() -> str:
     """CPU, the vector level torch uses and the core count (CPU scores can differ across vector levels)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from finetune.run import machine_line as describe
     from finetune.run import machine_record
 
-    m = machine_record()
-    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
-    cpu_id = f", {m['cpu_id']}" if m.get("cpu_id") else ""
-    return f"{m['cpu']}{cpu_id} ({m['cpu_capability']}), {m['cpu_count']} cores{gpu}"
+    return describe(machine_record())
 
 
 Job = tuple[str, int | None, int, str, str, list[str], int, str, int]

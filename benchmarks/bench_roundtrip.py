@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_engine.graph import decompose, render_mask  # noqa: E402
 from data_engine.ingest import read_task  # noqa: E402
 from data_engine.io import read_mask  # noqa: E402
+from finetune.metrics import dice as dice_of  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -47,7 +48,7 @@ def main() -> int:
             label = read_mask(case.mask_path) > 0
             drawn = render_mask(decompose(label.astype(np.uint8) * 255), label.shape)[0] > 0
             n = label.sum()
-            dice.append(2 * (drawn & label).sum() / (drawn.sum() + n))
+            dice.append(dice_of(drawn, label))
             area.append(drawn.sum() / n)
             extra.append((drawn & ~label).sum() / n)
             missing.append((label & ~drawn).sum() / n)

@@ -29,7 +29,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 from data_engine.ingest import Task, load_case, read_task  # noqa: E402
 from finetune.metrics import case_metrics  # noqa: E402
-from finetune.run import machine_record  # noqa: E402
+from finetune.run import machine_line, machine_record  # noqa: E402
 from finetune.segmenter import Segmenter, choose_threshold  # noqa: E402
 
 
@@ -122,10 +122,7 @@ def main() -> int:
     (args.runs / "tta.md").write_text(rows + "\n")
     print(rows)
     command = " ".join(["python", "benchmarks/bench_tta.py", *sys.argv[1:]])
-    m = machine_record()
-    cpu_id = f", {m['cpu_id']}" if m.get("cpu_id") else ""
-    machine = f"{m['cpu']}{cpu_id} ({m['cpu_capability']}), {m['cpu_count']} cores"
-    print(f"\nmachine: {machine} | command: {command}")
+    print(f"\nmachine: {machine_line(machine_record())} | command: {command}")
     return 0
 
 

@@ -651,6 +651,13 @@ def machine_record() -> dict[str, Any]:
     }
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """One line for a machine_record: CPU, family and model, (vector level, cores), GPU if any."""
+    cpu_id = f", {m['cpu_id']}" if m.get("cpu_id") else ""  # records written before cpu_id lack it
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
+    return f"{m['cpu']}{cpu_id} ({m['cpu_capability']}, {m['cpu_count']} cores){gpu}"
+
+
 _METHOD_NOTES = {
     "univg": "the shots + synthetic pairs made from them by the data engine",
     "univg_gen": "the shots + images the generator adapted to them draws for recombined masks",
@@ -702,11 +709,9 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
     m = summary.get("machine")
     if m:
         lines += [
-            f"Machine: {m['cpu']}{', ' + m['cpu_id'] if m.get('cpu_id') else ''}"
-            f" ({m['cpu_capability']}, {m['cpu_count']} cores)"
-            + (f", GPU {m['gpu']}" if m["gpu"] else "")
-            + f"; torch {m['packages']['torch']}, Python {m['python']}. CPU results repeat bit for bit on"
-            " the same machine, not always on a CPU with other vector units.",
+            f"Machine: {machine_line(m)}; torch {m['packages']['torch']}, Python {m['python']}."
+            " CPU results repeat bit for bit on the same machine, not always on a CPU with other vector"
+            " units.",
             "",
         ]
     (out / "report.md").write_text("\n".join(lines))

@@ -201,6 +201,9 @@ class OptimConfig:
 
     max_steps: int = 1000  # optimizer steps of one training (count)
     lr: float = 1e-3  # peak learning rate
+    # peak learning rate instead of lr when training starts from pretrained weights (pretrained_segmenter);
+    # a start that already segments vessels takes a larger step toward the task than random weights do (0: lr)
+    pretrained_lr: float = 0.0
     warmup_steps: int = 50  # linear warm-up from 0 to lr (optimizer steps)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
@@ -221,6 +224,8 @@ class OptimConfig:
             raise ValueError(f"optim.max_steps={self.max_steps} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.pretrained_lr < 0:
+            raise ValueError(f"optim.pretrained_lr={self.pretrained_lr} must be >= 0 (0: optim.lr)")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be in 0..optim.max_steps")
         if self.anchor_decay < 0:

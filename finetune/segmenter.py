@@ -26,7 +26,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +420,8 @@ def train_segmenter(
         raise ValueError("train_segmenter: no training data (no real cases and no synthetic pairs)")
     for i, case in enumerate(real_cases):
         _check_real_case(i, case)
+    if init_from is not None and cfg.optim.pretrained_lr > 0:  # the rate of its own for a pretrained start
+        cfg = replace(cfg, optim=replace(cfg.optim, lr=cfg.optim.pretrained_lr))
     started = time.perf_counter()
     mixed = _resolve_mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed)
@@ -471,8 +473,8 @@ def train_segmenter(
     if main:
         log.info(
             "segmenter %s: %.2fM parameters | %d real cases, %d synthetic in pool | patch %d px | "
-            "batch %d per process (%d real + %d synthetic%s) x %d processes = %d | %d steps | %s | "
-            "mixed precision %s",
+            "batch %d per process (%d real + %d synthetic%s) x %d processes = %d | "
+            "%d steps at peak lr %.1e%s | %s | mixed precision %s",
             cfg.net.arch,
             num_params / 1e6,
             len(real_pool),
@@ -485,6 +487,8 @@ def train_segmenter(
             accelerator.num_processes,
             batch * accelerator.num_processes,
             cfg.optim.max_steps,
+            cfg.optim.lr,
+            "" if init_from is None else " from pretrained weights",
             accelerator.device,
             mixed,
         )
@@ -612,6 +616,7 @@ def train_segmenter(
         "synthetic_patches": synthetic_patches,  # per process, over the whole training (count)
         "num_processes": accelerator.num_processes,
         "num_parameters": num_params,
+        "peak_lr": cfg.optim.lr,
         "final_loss": history[-1]["loss"],  # of the trained weights, not of their average
         "weights": "last step" if ema is None else f"average (ema_decay {cfg.optim.ema_decay})",
         "threshold_source": threshold_source,

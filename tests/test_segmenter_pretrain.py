@@ -208,3 +208,29 @@ def test_rehearsal_in_a_run_and_its_bad_input(corpus: Path, pretrained: Path, tm
         assert not (tmp_path / "run2").exists()  # stopped before writing anything
     with pytest.raises(ValueError, match="rehearsal.share"):
         load_finetune_config(TINY, ["rehearsal.share=1.0"])
+
+
+def test_pretrained_lr_is_the_peak_rate_from_a_pretrained_start_only(pretrained: Path) -> None:
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (48, 48), dtype=np.uint8)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[14:18] = 255
+    base = ["segmenter.optim.max_steps=4", "segmenter.optim.warmup_steps=0"]
+
+    def weights(over: list[str], init: Path | None) -> tuple[list[torch.Tensor], float]:
+        cfg = load_finetune_config(TINY, [*base, *over]).segmenter
+        seg = train_segmenter(cfg, [(image, mask, None)], progress=False, init_from=init)
+        return [p.detach().clone() for p in seg.network.parameters()], seg.record["peak_lr"]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    own, own_lr = weights(["segmenter.optim.lr=1e-3", "segmenter.optim.pretrained_lr=5e-3"], pretrained)
+    plain, plain_lr = weights(["segmenter.optim.lr=5e-3"], pretrained)
+    slow, _ = weights(["segmenter.optim.lr=1e-3"], pretrained)
+    assert own_lr == plain_lr == 5e-3 and same(own, plain) and not same(own, slow)
+    # from scratch the rate of its own is not used: the same weights as plain lr
+    scratch, scratch_lr = weights(["segmenter.optim.lr=1e-3", "segmenter.optim.pretrained_lr=5e-3"], None)
+    assert scratch_lr == 1e-3 and same(scratch, weights(["segmenter.optim.lr=1e-3"], None)[0])
+    with pytest.raises(ValueError, match="pretrained_lr"):
+        load_finetune_config(TINY, ["segmenter.optim.pretrained_lr=-1"])

@@ -588,6 +588,8 @@ def _summarise(
         ]
         stats["train_wall_s"] = [e.get("train_wall_s") for e in evals]
         methods[method] = stats
+    optim = cfg.segmenter.optim
+    started = [m for m in ("univg", "univg_gen") if m in methods] if cfg.pretrained_segmenter else []
     return {
         "format": "univg-finetune/1",
         "task": task.name,
@@ -602,6 +604,14 @@ def _summarise(
             "steps": cfg.segmenter.optim.max_steps,
             "patch_px": cfg.segmenter.patch.patch_size_px,
             "batch": cfg.segmenter.patch.batch_size,
+            "lr": optim.lr,
+            "pretrained_start": None
+            if not started
+            else {
+                "weights": str(Path(cfg.pretrained_segmenter).resolve()),
+                "methods": started,
+                "peak_lr": optim.pretrained_lr or optim.lr,
+            },
         },
         "synthetic_pairs_per_draw": cfg.synthesis.num_pairs if "univg" in methods else 0,
         "methods": methods,
@@ -666,6 +676,21 @@ _METHOD_NOTES = {
 }
 
 
+def start_line(segmenter: dict[str, Any]) -> str:
+    """Where each method's training starts and at which peak rate (summary.json's segmenter block)."""
+    lr = segmenter.get("lr")
+    start = segmenter.get("pretrained_start")
+    if lr is None:  # a summary from before the rates were recorded
+        return "Starting weights: not recorded."
+    if not start:
+        return f"Every method starts from random weights, peak lr {lr:g}."
+    verb = "starts" if len(start["methods"]) == 1 else "start"
+    return (
+        f"{' and '.join(start['methods'])} {verb} from the pretrained segmenter `{start['weights']}` at "
+        f"peak lr {start['peak_lr']:g}; the other methods from random weights at {lr:g}."
+    )
+
+
 def _write_report(summary: dict[str, Any], out: Path) -> None:
     def cell(stats: dict[str, Any], name: str) -> str:
         m = stats[name]
@@ -679,6 +704,8 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         f"{summary['shots']} shot(s), {summary['num_draws']} draw(s); scored on {summary['num_eval_cases']} "
         f"case(s) ({summary['eval_from']}). Segmenter: {summary['segmenter']['arch']}, "
         f"{summary['segmenter']['steps']} steps, the same for every method. Mean +- std over draws.",
+        "",
+        start_line(summary["segmenter"]),
         "",
         "| method | what it trains on | Dice | clDice | NSD (2 px) | IoU | AUC |",
         "|---|---|---|---|---|---|---|",

@@ -87,6 +87,9 @@ def test_summary_aggregates_the_draws(finished_run: Path) -> None:
     assert summary["methods"]["full"]["num_draws"] == 1
     report = (finished_run / "report.md").read_text()
     assert "| univg |" in report and "| baseline |" in report and "| full |" in report
+    lr = summary["segmenter"]["lr"]
+    assert summary["segmenter"]["pretrained_start"] is None
+    assert f"Every method starts from random weights, peak lr {lr:g}." in report
     # what the scores were computed on: CPU results may differ on a CPU with other vector units
     machine = summary["machine"]
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

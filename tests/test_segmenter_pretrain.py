@@ -112,6 +112,14 @@ def test_finetune_starts_univg_from_it_and_the_baselines_from_scratch(
     univg = json.loads((draw / "univg" / "eval" / "summary.json").read_text())
     baseline = json.loads((draw / "baseline" / "eval" / "summary.json").read_text())
     assert univg["initial_weights"] == str(pretrained.resolve()) and baseline["initial_weights"] is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    start = summary["segmenter"]["pretrained_start"]
+    assert start["methods"] == ["univg"] and start["weights"] == str(pretrained.resolve())
+    assert start["peak_lr"] == cfg.segmenter.optim.lr  # tiny sets no rate of its own
+    assert (
+        f"univg starts from the pretrained segmenter `{pretrained.resolve()}`"
+        in (tmp_path / "run" / "report.md").read_text()
+    )
     # a missing folder stops the run before it writes anything
     bad = load_finetune_config(TINY, [f"pretrained_segmenter={tmp_path / 'nothing'}"])
     with pytest.raises(FileNotFoundError, match="config.json"):

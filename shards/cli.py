@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--config", required=True, help="corpus YAML, e.g. configs/corpus/tiny.yaml")
     b.add_argument("--out", required=True, help="corpus folder for shards, records and manifest")
-    b.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    b.add_argument(
+        "--workers", type=int, default=None, help="worker processes here (default: the usable cores)"
+    )
     b.add_argument("--num-nodes", type=int, default=1, help="machines the build is split over (default 1)")
     b.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..num-nodes-1 (default 0)")
     b.add_argument("--overwrite", action="store_true", help="replace a different corpus found in --out")
@@ -59,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     v = sub.add_parser("verify", help="check sha256, sizes and every sample; non-zero exit names bad shards")
     v.add_argument("dir", help="corpus folder")
-    v.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    v.add_argument("--workers", type=int, default=None, help="processes (default: the usable cores)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("preview", help="write a grid picture of mask | image pairs per modality")
@@ -74,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--json", default=None, help="also write the numbers to this JSON file")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a SLURM or container allotment), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one `univg shards` subcommand; returns the exit status."""
     command = args.shards_command
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         result = build_corpus(
             cfg,
             Path(args.out),
-            num_workers=args.workers,
+            num_workers=usable_cores() if args.workers is None else args.workers,
             num_nodes=args.num_nodes,
             node_rank=args.node_rank,
             overwrite=args.overwrite,
@@ -125,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if command == "verify":
         from shards.inspect import verify_corpus
 
-        report = verify_corpus(args.dir, num_workers=args.workers, progress=not args.no_progress)
+        workers = usable_cores() if args.workers is None else args.workers
+        report = verify_corpus(args.dir, num_workers=workers, progress=not args.no_progress)
         for note in report.notes:
             print(f"note: {note}")
         for name, problem in report.bad_shards.items():

@@ -94,6 +94,8 @@ def verify_corpus(folder: str | Path, num_workers: int = 1, progress: bool = Tru
     """Check every shard in the folder's manifest; bad shards are named, never raised."""
     from tqdm import tqdm
 
+    if num_workers < 1:
+        raise ValueError(f"--workers={num_workers} must be >= 1")
     folder = Path(folder)
     manifest = load_manifest(folder)
     report = VerifyReport(folder=folder, num_shards=len(manifest.shards), num_samples=0)

@@ -114,3 +114,8 @@ def test_ingest_real_pairs_into_shards_that_verify_and_load(tmp_path: Path) -> N
     ]
     assert main([*other, "--no-progress"]) == 2
     assert main([*other, "--no-progress", "--overwrite"]) == 0
+
+
+def test_verify_refuses_zero_workers(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shards", "verify", str(corpus), "--no-progress", "--workers", "0"]) == 2
+    assert "--workers=0 must be >= 1" in capsys.readouterr().err

@@ -243,7 +243,12 @@ class InferConfig:
     window_batch_size: int = 8  # windows per forward pass (count)
     blend: Literal["gaussian", "constant"] = "gaussian"  # how overlapping windows are averaged
     threshold: float = 0.5  # probability above which a pixel is vessel, unless tuned
-    tune_threshold: bool = True  # pick the threshold that maximises Dice on the training shots (never test)
+    tune_threshold: bool = True  # choose the threshold by `threshold_rule` (never on test labels)
+    # "shots": the maximum Dice on the training shots. "area": the threshold at which the vessel fraction
+    # predicted over the task's unlabelled images (its labelled pool minus the shots, labels unread) equals
+    # the shots' labelled fraction; "shots" where there is no unlabelled image (full supervision)
+    threshold_rule: Literal["shots", "area"] = "shots"
+    area_images: int = 16  # most unlabelled images the "area" rule predicts, spread over the pool (count)
     # test-time mirroring (nnU-Net's): average the probabilities of the image and its horizontal, vertical
     # and double flips; 4x the inference time
     flip_tta: bool = False
@@ -257,6 +262,10 @@ class InferConfig:
             raise ValueError(f"infer.window_batch_size={self.window_batch_size} must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"infer.threshold={self.threshold} must be in (0, 1)")
+        if self.threshold_rule not in ("shots", "area"):
+            raise ValueError(f"infer.threshold_rule={self.threshold_rule!r} must be 'shots' or 'area'")
+        if self.area_images < 1:
+            raise ValueError(f"infer.area_images={self.area_images} must be >= 1")
 
 
 @dataclass(frozen=True)

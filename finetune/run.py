@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ import yaml
 from data_engine.ingest import Case, Task, load_case, read_task
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.metrics import METRICS
-from finetune.split import Split, draw_split, write_split
+from finetune.split import Split, draw_split, unlabelled_cases, write_split
 from univg.config import add_config_options, cli_overrides, to_dict
 
 log = logging.getLogger("univg.finetune")
@@ -203,9 +203,11 @@ def train_and_evaluate(
     info: dict[str, Any],
     progress: bool,
     init_from: str | Path | None = None,
+    unlabelled: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
-    `init_from`: a segmenter folder whose weights the training starts from."""
+    `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: cases whose images
+    (never their labels) the "area" threshold rule predicts."""
     import cv2
 
     from finetune.evaluate import evaluate_cases
@@ -225,6 +227,33 @@ def train_and_evaluate(
             cfg.segmenter, real, synthetic=synthetic, progress=progress, init_from=init_from
         )
         segmenter.save(model_dir)
+    infer = cfg.segmenter.infer
+    area_done = str(segmenter.record.get("threshold_source", "")).startswith("area")
+    if infer.tune_threshold and infer.threshold_rule == "area" and unlabelled and not area_done:
+        from finetune.segmenter import area_threshold
+
+        shots = [loaded[n] for n in train_names]
+        pool = [loaded[n] for n in unlabelled]
+        started = time.perf_counter()
+        shots_threshold = segmenter.threshold
+        segmenter.threshold, fraction = area_threshold(
+            [m for _i, m, _f in shots],
+            [f for _i, _m, f in shots],
+            [segmenter.predict_proba(image) for image, _m, _f in pool],
+            [f for _i, _m, f in pool],
+        )
+        segmenter.record["threshold_source"] = (
+            f"area: the shots' vessel fraction {fraction:.4f} predicted over {len(pool)} unlabelled image(s)"
+        )
+        segmenter.record["shots_threshold"] = shots_threshold
+        segmenter.save_config(model_dir)
+        log.info(
+            "%s: threshold %.3f (%s; %.0f s)",
+            folder.name,
+            segmenter.threshold,
+            segmenter.record["threshold_source"],
+            time.perf_counter() - started,
+        )
     by_name = {c.name: c for c in task.cases}
     cases: list[Case] = [by_name[n] for n in eval_names]
 
@@ -441,7 +470,10 @@ def run_finetune(
         load_initial_weights(init, cfg.segmenter)  # readable, and the same network: checked before any write
     task = read_task(task_path)
     splits = plan_splits(task, task_path, cfg, cases)
-    needed = {n for s in splits for n in s.train + s.eval}
+    infer = cfg.segmenter.infer
+    area_rule = infer.tune_threshold and infer.threshold_rule == "area"
+    unlabelled = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
+    needed = {n for s in splits for n in s.train + s.eval} | {n for u in unlabelled for n in u}
     if "full" in cfg.methods:
         needed |= set(splits[0].full_train)
     loaded = load_cases(task, needed, progress)
@@ -494,6 +526,7 @@ def run_finetune(
                         {**base_info, "method": "univg"},
                         progress,
                         init,
+                        unlabelled[d],
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -519,6 +552,7 @@ def run_finetune(
                         {**base_info, "method": "univg_gen", "feedback": selection},
                         progress,
                         init,
+                        unlabelled[d],
                     )
                 )
             if "baseline" in cfg.methods:
@@ -533,6 +567,7 @@ def run_finetune(
                         draw_dir / "baseline",
                         {**base_info, "method": "baseline"},
                         progress,
+                        unlabelled=unlabelled[d],
                     )
                 )
         main_method = next(m for m in ("univg", "univg_gen", "baseline", "full") if m in cfg.methods)

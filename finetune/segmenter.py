@@ -211,6 +211,11 @@ class Segmenter:
         model_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.network.state_dict().items()}
         save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        return self.save_config(model_dir)
+
+    def save_config(self, model_dir: str | Path) -> Path:
+        """(Re)write config.json (threshold, config, record) beside the weights, atomically."""
+        model_dir = Path(model_dir)
         meta = {
             "format": MODEL_FORMAT,
             "threshold": self.threshold,
@@ -218,7 +223,9 @@ class Segmenter:
             "segmenter": to_dict(self.cfg),
             "record": self.record,
         }
-        (model_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp = model_dir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(model_dir / CONFIG_FILE)
         return model_dir
 
     @classmethod
@@ -307,6 +314,38 @@ def choose_threshold(
     candidates = [i for i in range(len(edges)) if dice[i] >= best - 1e-12]
     i = min(candidates, key=lambda j: abs(edges[j] - 0.5))
     return float(edges[i]), float(dice[i])
+
+
+def area_threshold(
+    labels: Sequence[np.ndarray],
+    label_fovs: Sequence[np.ndarray | None],
+    probs: Sequence[np.ndarray],
+    prob_fovs: Sequence[np.ndarray | None],
+) -> tuple[float, float]:
+    """(threshold, fraction): the threshold at which the vessel fraction predicted over unlabelled images
+    (`probs`, pooled inside their FOVs) equals the labelled fraction over the shots (`labels`, pooled inside
+    theirs), clipped to the candidate range of THRESHOLDS. Reads the shots' labels only."""
+    if not labels or not probs:
+        raise ValueError("area_threshold: needs at least one labelled shot and one unlabelled image")
+    labelled = inside_total = 0
+    for label, fov in zip(labels, label_fovs, strict=True):
+        inside = np.ones(label.shape, bool) if fov is None else fov > 0
+        labelled += int(np.count_nonzero((label > 0) & inside))
+        inside_total += int(np.count_nonzero(inside))
+    fraction = labelled / max(1, inside_total)
+    pooled = np.concatenate(
+        [(p if f is None else p[f > 0]).ravel() for p, f in zip(probs, prob_fovs, strict=True)]
+    )
+    keep = int(round(fraction * pooled.size))  # pixels predicted as vessel
+    if keep <= 0:
+        t = THRESHOLDS[-1]
+    elif keep >= pooled.size:
+        t = THRESHOLDS[0]
+    else:
+        # midway between the keep-th and the (keep+1)-th largest value: keep pixels lie above it
+        part = np.partition(pooled, [pooled.size - keep - 1, pooled.size - keep])
+        t = 0.5 * float(part[pooled.size - keep - 1]) + 0.5 * float(part[pooled.size - keep])
+    return float(np.clip(t, THRESHOLDS[0], THRESHOLDS[-1])), fraction
 
 
 # --- training ---

@@ -130,6 +130,17 @@ def draw_split(
     )
 
 
+def unlabelled_cases(split: Split, max_cases: int) -> list[str]:
+    """The labelled pool minus the shots, for a rule that reads their images and never their labels; at most
+    `max_cases`, spread evenly over the pool in task order. (For a task without a test split these are the
+    cases scored.)"""
+    drawn = set(split.train)
+    rest = [n for n in split.full_train if n not in drawn]
+    if len(rest) <= max_cases:
+        return rest
+    return [rest[int(i)] for i in np.linspace(0, len(rest) - 1, max_cases).round()]
+
+
 def write_split(split: Split, run_dir: str | Path) -> Split:
     """Write `<run_dir>/split.json` once. If the file exists it must hold this very split (a rerun or a
     resume); a different one is an error, never silently replaced. Returns the split."""

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,43 @@ def test_named_cases(task_csv: Path, tmp_path: Path) -> None:
     cfg = tiny(["methods=[baseline]"])
     summary = run_finetune(task_csv, tmp_path / "run", cfg, cases=["case_01", "case_03"], progress=False)
     assert summary["num_draws"] == 1 and summary["draws"][0]["train"] == ["case_01", "case_03"]
+
+
+def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path: Path) -> None:
+    from data_engine.ingest import load_case, read_task
+    from finetune.segmenter import Segmenter, area_threshold
+
+    cfg = tiny(["methods=[baseline]", "segmenter.infer.threshold_rule=area"])
+    out = tmp_path / "run"
+    run_finetune(task_csv, out, cfg, cases=["case_01", "case_03"], progress=False)
+    model = out / "draw_0" / "baseline" / "model"
+    seg = Segmenter.load(model)
+    assert (
+        seg.record["threshold_source"].startswith("area:")
+        and "2 unlabelled image(s)" in seg.record["threshold_source"]
+    )
+    assert "shots_threshold" in seg.record
+    # the same threshold again from the saved weights: the two train cases not drawn, the shots' labels
+    by_name = {c.name: load_case(c) for c in read_task(task_csv).cases}
+    shots = [by_name[n] for n in ("case_01", "case_03")]
+    pool = [by_name[n] for n in ("case_00", "case_02")]
+    t, fraction = area_threshold(
+        [m for _i, m, _f in shots],
+        [f for _i, _m, f in shots],
+        [seg.predict_proba(i) for i, _m, _f in pool],
+        [f for _i, _m, f in pool],
+    )
+    assert seg.threshold == pytest.approx(t) and 0 < fraction < 1
+    summary = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(t)
+    # a resume that has to score again keeps it: the rule does not run twice on a saved model
+    stamp = (model / "config.json").stat().st_mtime_ns
+    shutil.rmtree(out / "draw_0" / "baseline" / "eval")
+    (out / "summary.json").unlink()
+    run_finetune(task_csv, out, cfg, cases=["case_01", "case_03"], resume=True, progress=False)
+    assert (model / "config.json").stat().st_mtime_ns == stamp
+    again = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
+    assert again["threshold"] == pytest.approx(t)
 
 
 # --- bad input: a clear error, and no run folder ---

@@ -23,7 +23,7 @@ from finetune.config import (
     SegmenterConfig,
 )
 from finetune.sampler import PatchPool, prepare_image, prepare_mask
-from finetune.segmenter import Segmenter, build_network, choose_threshold, train_segmenter
+from finetune.segmenter import Segmenter, area_threshold, build_network, choose_threshold, train_segmenter
 
 NO_AUGMENT = AugmentConfig(
     flip_prob=0, rot90_prob=0, rotate_prob=0, scale_prob=0, gamma_prob=0, contrast_prob=0,
@@ -313,6 +313,27 @@ def test_choose_threshold_by_hand() -> None:
     fov = np.array([[0, 1], [1, 1]])  # hides the 0.3 vessel pixel: 0.6 <= t < 0.7 is now perfect
     t, dice = choose_threshold([prob], [label], [fov])
     assert t == pytest.approx(0.6) and dice == pytest.approx(1.0)
+
+
+def test_area_threshold_by_hand() -> None:
+    shot = np.array([[255, 0], [0, 0]], np.uint8)  # a quarter of the shot is vessel
+    a = np.array([[0.1, 0.9], [0.4, 0.6]])
+    b = np.array([[0.2, 0.3], [0.8, 0.7]])
+    # 8 unlabelled pixels, a quarter of them = 2 above the threshold: midway between 0.8 and 0.7
+    t, fraction = area_threshold([shot], [None], [a, b], [None, None])
+    assert fraction == pytest.approx(0.25) and t == pytest.approx(0.75)
+    assert int((a > t).sum() + (b > t).sum()) == 2
+    # FOVs on both sides: the shot's hides a background pixel (1/3 vessel), the image's hides 0.4, so one of
+    # the 3 pixels inside (0.1, 0.9, 0.6) is vessel: midway between 0.9 and 0.6
+    t, fraction = area_threshold([shot], [np.array([[1, 0], [1, 1]])], [a], [np.array([[1, 1], [0, 1]])])
+    assert fraction == pytest.approx(1 / 3) and t == pytest.approx(0.75)
+    # more vessel in the shots than any threshold can give, and none at all: the ends of the candidates
+    t, _ = area_threshold([np.full((2, 2), 255, np.uint8)], [None], [a], [None])
+    assert t == pytest.approx(0.05)
+    t, _ = area_threshold([np.zeros((2, 2), np.uint8)], [None], [a], [None])
+    assert t == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="unlabelled"):
+        area_threshold([shot], [None], [], [])
 
 
 def test_bad_input_is_reported() -> None:

@@ -19,6 +19,7 @@ from finetune.split import (
     draw_split,
     read_split,
     split_from_args,
+    unlabelled_cases,
     write_split,
 )
 
@@ -39,6 +40,17 @@ def test_seeded_draw_is_reproducible_and_follows_the_rules(tmp_path: Path) -> No
     assert (a.shots, a.seed, a.task) == (3, 7, tmp_path.name)
     draws = {tuple(draw_split(task, shots=3, seed=s).train) for s in range(6)}
     assert len(draws) > 1  # the seed matters
+
+
+def test_unlabelled_cases_are_the_pool_minus_the_shots(tmp_path: Path) -> None:
+    task = read_task(write_task(tmp_path, SPLITS_10_4))
+    split = draw_split(task, cases=["case_01", "case_04"])
+    rest = [f"case_{i:02d}" for i in (0, 2, 3, 5, 6, 7, 8, 9)]
+    assert unlabelled_cases(split, 8) == rest and unlabelled_cases(split, 100) == rest
+    # capped: spread evenly over the rest in task order (positions 0, 2.33, 4.67, 7 rounded: 0, 2, 5, 7)
+    assert unlabelled_cases(split, 4) == ["case_00", "case_03", "case_07", "case_09"]
+    assert unlabelled_cases(split, 1) == ["case_00"]
+    assert not set(unlabelled_cases(split, 8)) & (set(split.train) | set(split.eval))
 
 
 def test_named_cases(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ and its test cases once, then scores the test cases (mean Dice over cases, insid
 - `oracle`: the threshold of the candidate grid that is best on the test labels, an upper bound only
   (reading test labels is what a run must never do).
 
-Prints a table per (set, shots, method) and writes `<out>/threshold.json`.
+Prints a table per (set, shots, method) and writes `<out>/threshold.json` and `<out>/threshold.png` (Dice
+against shots per rule). `--merge F.json` adds the rows of another run of this script (e.g. the baselines
+of another folder) to the table and the picture; `--report-only` re-reads `<out>/threshold.json`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> int:
     parser.add_argument("--methods", default="univg,baseline")
     parser.add_argument("--sets", default="", help="comma-separated set names (default: every one there)")
     parser.add_argument("--pool-max", type=int, default=16, help="unlabelled images read (spread)")
+    parser.add_argument("--merge", type=Path, action="append", default=[], help="another threshold.json")
+    parser.add_argument("--report-only", action="store_true", help="tabulate <out>/threshold.json only")
     parser.add_argument("--tta", action="store_true", help="keep each model's mirrored averaging (4x slower)")
     args = parser.parse_args()
 
@@ -66,7 +70,10 @@ def main() -> int:
     print(f"# bench_threshold {args.out} | {machine_line(machine_record())}", flush=True)
     rows: list[dict[str, Any]] = []
     wanted = {s for s in args.sets.split(",") if s}
-    for set_dir in sorted(p for p in args.out.iterdir() if p.is_dir()):
+    set_dirs = [] if args.report_only else sorted(p for p in args.out.iterdir() if p.is_dir())
+    if args.report_only:
+        rows = json.loads((args.out / "threshold.json").read_text())
+    for set_dir in set_dirs:
         if wanted and set_dir.name not in wanted:
             continue
         manifest = DATA / set_dir.name / "pairs.csv"
@@ -128,6 +135,10 @@ def main() -> int:
                         f"Dice {row['dice_oracle']:.4f} | {time.perf_counter() - started:.0f} s",
                         flush=True,
                     )
+    if not args.report_only:
+        (args.out / "threshold.json").write_text(json.dumps(rows, indent=2) + "\n")
+    for extra in args.merge:
+        rows += json.loads(extra.read_text())
     print("\n| set | shots | method | draws | shots threshold | area threshold | midway | oracle (test) |")
     print("|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["set"], r["shots"], r["method"]) for r in rows})
@@ -141,8 +152,38 @@ def main() -> int:
             f"({100 * (means[1] - means[0]):+.2f}) | {means[2]:.4f} ({100 * (means[2] - means[0]):+.2f}) "
             f"| {means[3]:.4f} |"
         )
-    (args.out / "threshold.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, args.out / "threshold.png")
+    print(f"wrote {args.out / 'threshold.json'}, {args.out / 'threshold.png'}")
     return 0
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per set, mean Dice against shots for each method and threshold rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({r["set"] for r in rows})
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False)
+    styles = {"shots": "-", "area": "--", "oracle": ":"}
+    colours = {"univg": "tab:red", "baseline": "tab:blue"}
+    for ax, name in zip(axes[0], sets, strict=True):
+        for method in sorted({r["method"] for r in rows if r["set"] == name}):
+            for rule, style in styles.items():
+                group = [r for r in rows if r["set"] == name and r["method"] == method]
+                xs = sorted({r["shots"] for r in group})
+                ys = [float(np.mean([r[f"dice_{rule}"] for r in group if r["shots"] == k])) for k in xs]
+                label = f"{method}, {rule}" + (" (test labels)" if rule == "oracle" else "")
+                ax.plot(xs, ys, style, marker="o", ms=3, color=colours.get(method, "grey"), label=label)
+        ax.set_title(name)
+        ax.set_xlabel("real labelled shots")
+        ax.set_ylabel("Dice (test split)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -622,6 +622,8 @@ def _summarise(
             str(Path(e["model"]).parent.relative_to(out) / "eval") for e in evals if "model" in e
         ]
         stats["train_wall_s"] = [e.get("train_wall_s") for e in evals]
+        stats["threshold"] = [e.get("threshold") for e in evals]  # per draw (full: its one run)
+        stats["threshold_source"] = [e.get("threshold_source") for e in evals]
         methods[method] = stats
     optim = cfg.segmenter.optim
     started = [m for m in ("univg", "univg_gen") if m in methods] if cfg.pretrained_segmenter else []
@@ -760,7 +762,19 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         row = [f"- draw {d} (seed {draw['seed']}): shots {', '.join(draw['train'])}"]
         for method, stats in summary["methods"].items():
             if method != "full" and d < len(stats["dice"]["per_draw"]):
-                row.append(f"{method} Dice {stats['dice']['per_draw'][d]:.4f}")
+                entry = f"{method} Dice {stats['dice']['per_draw'][d]:.4f}"
+                thresholds = stats.get("threshold") or []
+                if d < len(thresholds) and thresholds[d] is not None:
+                    source = str((stats.get("threshold_source") or [None] * (d + 1))[d] or "")
+                    rule = (
+                        "area rule"
+                        if source.startswith("area")
+                        else "max Dice on the shots"
+                        if "shots" in source
+                        else "fixed"
+                    )
+                    entry += f" (threshold {thresholds[d]:.3g}, {rule})"
+                row.append(entry)
         lines.append(" | ".join(row))
     lines += [
         "",

@@ -192,6 +192,10 @@ def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path:
     assert (model / "config.json").stat().st_mtime_ns == stamp
     again = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
     assert again["threshold"] == pytest.approx(t)
+    run_summary = json.loads((out / "summary.json").read_text())["methods"]["baseline"]
+    assert run_summary["threshold"][0] == pytest.approx(t)
+    assert run_summary["threshold_source"][0].startswith("area:")
+    assert f"(threshold {t:.3g}, area rule)" in (out / "report.md").read_text()
 
 
 # --- bad input: a clear error, and no run folder ---

@@ -59,14 +59,11 @@ def main() -> int:
     parser.add_argument("--tta", action="store_true", help="keep each model's mirrored averaging (4x slower)")
     args = parser.parse_args()
 
-    import torch
-
     from data_engine.ingest import read_task
     from finetune.run import load_cases, machine_line, machine_record
     from finetune.segmenter import THRESHOLDS, Segmenter, area_threshold, choose_threshold
     from finetune.split import read_split, unlabelled_cases
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"# bench_threshold {args.out} | {machine_line(machine_record())}", flush=True)
     rows: list[dict[str, Any]] = []
     wanted = {s for s in args.sets.split(",") if s}
@@ -119,7 +116,7 @@ def main() -> int:
                         "shots_threshold": shot_t,
                         "area_threshold": area_t,
                         "shot_label_fraction": fraction,
-                        "dice_shots": mean_dice(shot_t, test),
+                        "dice_shots": grid[shot_t],  # shot_t is one of THRESHOLDS
                         "dice_area": mean_dice(area_t, test),
                         "dice_midway": mean_dice(0.5 * (shot_t + area_t), test),
                         "oracle_threshold": oracle_t,

@@ -7,13 +7,14 @@
 
 Bytes depend only on the members: fixed mtime/uid/gid/owner/mode, USTAR headers, members of a sample in
 sorted order, samples in the order added (which must be increasing key order). The same samples
-therefore give the same sha256 on any machine.
+therefore give the same sha256 on any machine. The stream is written directly, one write per sample, with
+headers from `tarfile.TarInfo`: byte for byte what `tarfile.open(mode="w", format=USTAR_FORMAT)` writes
+for the same members, without its 16 KiB copy loop.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import secrets
@@ -126,26 +127,19 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-class _HashingFile(io.RawIOBase):
-    """Write-only file wrapper that hashes and counts what passes through (what tarfile needs)."""
+_BLOCK = tarfile.BLOCKSIZE  # 512: a tar header, and the unit every member's data is padded to
+_RECORD = tarfile.RECORDSIZE  # 10240: the archive is padded to whole records, as tarfile and GNU tar do
 
-    def __init__(self, f: io.BufferedWriter) -> None:
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.num_bytes = 0
 
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        data = bytes(b)
-        self._f.write(data)
-        self.sha256.update(data)
-        self.num_bytes += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.num_bytes
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a member with our fixed metadata (the bytes tarfile would write)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
 class ShardWriter:
@@ -157,8 +151,8 @@ class ShardWriter:
             raise ValueError(f"shard file name {self.path.name!r} is not <corpus>-<shard:06d>.tar")
         self._tmp = temp_path(self.path)
         self._file = open(self._tmp, "wb")  # closed in commit() or abort()
-        self._hashing = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
+        self._sha256 = hashlib.sha256()
+        self._num_bytes = 0
         self._last_key: str | None = None
         self._modalities: dict[str, int] = {}
         self._num_samples = 0
@@ -175,18 +169,21 @@ class ShardWriter:
         unknown = sorted(set(members) - set(MEMBERS))
         if unknown:
             raise ValueError(f"{key}: unknown member(s) {unknown}; allowed: {list(MEMBERS)}")
+        # The sample's whole tar stretch (header, data, NUL padding to a block, per member) in one write
+        # and one hash update: tarfile.addfile would copy each member in 16 KiB pieces.
+        parts: list[bytes] = []
         for suffix in sorted(members):
             data = members[suffix]
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(data)
-            info.mtime = TAR_MTIME
-            info.mode = TAR_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            parts += (_ustar_header(f"{key}.{suffix}", len(data)), data, bytes(-len(data) % _BLOCK))
+        self._write(b"".join(parts))
         self._last_key = key
         self._num_samples += 1
         self._modalities[modality] = self._modalities.get(modality, 0) + 1
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha256.update(data)
+        self._num_bytes += len(data)
 
     def commit(self) -> ShardRecord:
         """Finish the tar, make it durable and give it its final name; returns its record."""
@@ -194,7 +191,8 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: commit() after commit() or abort()")
         self._done = True
         try:
-            self._tar.close()
+            end = self._num_bytes + 2 * _BLOCK  # two zero blocks end the archive
+            self._write(bytes(2 * _BLOCK + (-end % _RECORD)))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -207,8 +205,8 @@ class ShardWriter:
         return ShardRecord(
             name=self.path.name,
             num_samples=self._num_samples,
-            num_bytes=self._hashing.num_bytes,
-            sha256=self._hashing.sha256.hexdigest(),
+            num_bytes=self._num_bytes,
+            sha256=self._sha256.hexdigest(),
             modalities=dict(sorted(self._modalities.items())),
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 import tarfile
 from pathlib import Path
@@ -31,6 +32,32 @@ def test_same_samples_give_byte_identical_shards(tmp_path: Path) -> None:
     a = _write(tmp_path / "a", range(6))
     b = _write(tmp_path / "b", range(6))
     assert a.read_bytes() == b.read_bytes()
+
+
+def _tarfile_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """The same members written by the standard library's tarfile, with the writer's fixed metadata."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for suffix in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime, info.mode = len(members[suffix]), TAR_MTIME, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(members[suffix]))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 7])
+def test_shard_bytes_are_what_stdlib_tarfile_writes(tmp_path: Path, num_samples: int) -> None:
+    samples = [(sample_key("c", i), encode_sample(hand_sample(i), 1)) for i in range(num_samples)]
+    with ShardWriter(tmp_path / shard_name("c", 0)) as w:
+        for key, members in samples:
+            w.add(key, members, "xca")
+        record = w.commit()
+    written = (tmp_path / record.name).read_bytes()
+    assert written == _tarfile_bytes(samples)
+    assert len(written) % tarfile.RECORDSIZE == 0 and record.num_bytes == len(written)
 
 
 def test_record_counts_modalities(tmp_path: Path) -> None:

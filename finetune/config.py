@@ -269,6 +269,36 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Self-training on the task's unlabelled images (its labelled pool minus the shots; labels never read).
+
+    After `start_fraction` of the steps, the segmenter being trained predicts those images; its masks, at
+    the threshold best on the shots at that moment, become pseudo-labels, and from then on a share of each
+    batch is cut from them. The step count is unchanged. Off by default; univg and univg_gen only (the
+    baseline is the shots with standard augmentation, as the issue defines it).
+    """
+
+    enabled: bool = False  # label the unlabelled images midway and train on them too
+    start_fraction: float = 0.5  # share of optim.max_steps trained before the images are labelled (ratio)
+    batch_fraction: float = 0.25  # share of each later batch cut from them, out of the real shots' share
+    max_images: int = 16  # most unlabelled images labelled, spread over the pool (count)
+    methods: tuple[str, ...] = ("univg", "univg_gen")  # the methods that self-train (full has no pool)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - {"univg", "univg_gen", "baseline"})
+        if unknown:
+            raise ValueError(
+                f"pseudo.methods: {unknown[0]!r} cannot self-train; choose from univg, univg_gen, baseline"
+            )
+        if not 0.0 < self.start_fraction < 1.0:
+            raise ValueError(f"pseudo.start_fraction={self.start_fraction} must be in (0, 1)")
+        if not 0.0 < self.batch_fraction < 1.0:
+            raise ValueError(f"pseudo.batch_fraction={self.batch_fraction} must be in (0, 1)")
+        if self.max_images < 1:
+            raise ValueError(f"pseudo.max_images={self.max_images} must be >= 1")
+
+
+@dataclass(frozen=True)
 class SegmenterConfig:
     """One segmenter training: network, patches, augmentation, loss, optimizer, inference."""
 
@@ -279,6 +309,7 @@ class SegmenterConfig:
     loss: LossConfig = field(default_factory=LossConfig)  # loss terms and weights
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     infer: InferConfig = field(default_factory=InferConfig)  # sliding window and threshold
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)  # self-training, off by default
     seed: int = 0  # seeds network init (same on every process) and patch sampling (seed + process index)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on a GPU with it, else no
     log_every_steps: int = 50  # one log line every this many optimizer steps

@@ -204,10 +204,12 @@ def train_and_evaluate(
     progress: bool,
     init_from: str | Path | None = None,
     unlabelled: Sequence[str] = (),
+    pseudo_from: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
     `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: cases whose images
-    (never their labels) the "area" threshold rule predicts."""
+    (never their labels) the "area" threshold rule predicts. `pseudo_from`: cases whose images (never their
+    labels) self-training labels (segmenter.pseudo)."""
     import cv2
 
     from finetune.evaluate import evaluate_cases
@@ -224,7 +226,12 @@ def train_and_evaluate(
     else:
         real = [loaded[n] for n in train_names]
         segmenter = train_segmenter(
-            cfg.segmenter, real, synthetic=synthetic, progress=progress, init_from=init_from
+            cfg.segmenter,
+            real,
+            synthetic=synthetic,
+            progress=progress,
+            init_from=init_from,
+            unlabelled=[(loaded[n][0], loaded[n][2]) for n in pseudo_from],  # image and FOV, no label
         )
         segmenter.save(model_dir)
     infer = cfg.segmenter.infer
@@ -272,6 +279,7 @@ def train_and_evaluate(
         "predictions": str(pred_dir),
         "threshold": segmenter.threshold,
         "threshold_source": segmenter.record.get("threshold_source"),
+        "pseudo_labels": segmenter.record.get("pseudo_labels"),  # self-training, when it ran
         "initial_weights": None if init_from is None else str(init_from),
         "train_cases": train_names,
         "train_wall_s": segmenter.record.get("wall_s"),
@@ -473,7 +481,9 @@ def run_finetune(
     infer = cfg.segmenter.infer
     area_rule = infer.tune_threshold and infer.threshold_rule == "area"
     unlabelled = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
-    needed = {n for s in splits for n in s.train + s.eval} | {n for u in unlabelled for n in u}
+    pseudo = cfg.segmenter.pseudo
+    pseudo_from = [unlabelled_cases(s, pseudo.max_images) if pseudo.enabled else [] for s in splits]
+    needed = {n for s in splits for n in s.train + s.eval} | {n for u in unlabelled + pseudo_from for n in u}
     if "full" in cfg.methods:
         needed |= set(splits[0].full_train)
     loaded = load_cases(task, needed, progress)
@@ -527,6 +537,7 @@ def run_finetune(
                         progress,
                         init,
                         unlabelled[d],
+                        pseudo_from[d] if "univg" in pseudo.methods else [],
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -553,6 +564,7 @@ def run_finetune(
                         progress,
                         init,
                         unlabelled[d],
+                        pseudo_from[d] if "univg_gen" in pseudo.methods else [],
                     )
                 )
             if "baseline" in cfg.methods:
@@ -568,6 +580,7 @@ def run_finetune(
                         {**base_info, "method": "baseline"},
                         progress,
                         unlabelled=unlabelled[d],
+                        pseudo_from=pseudo_from[d] if "baseline" in pseudo.methods else [],
                     )
                 )
         main_method = next(m for m in ("univg", "univg_gen", "baseline", "full") if m in cfg.methods)
@@ -624,6 +637,8 @@ def _summarise(
         stats["train_wall_s"] = [e.get("train_wall_s") for e in evals]
         stats["threshold"] = [e.get("threshold") for e in evals]  # per draw (full: its one run)
         stats["threshold_source"] = [e.get("threshold_source") for e in evals]
+        # per draw: unlabelled images self-training labelled (0 when it did not run)
+        stats["pseudo_images"] = [(e.get("pseudo_labels") or {}).get("num_images", 0) for e in evals]
         methods[method] = stats
     optim = cfg.segmenter.optim
     started = [m for m in ("univg", "univg_gen") if m in methods] if cfg.pretrained_segmenter else []
@@ -750,6 +765,14 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
     for method, stats in summary["methods"].items():
         cells = [cell(stats, n) for n in ("dice", "cldice", "nsd", "iou", "auc")]
         lines.append(f"| {method} | {_METHOD_NOTES[method]} | {' | '.join(cells)} |")
+    self_trained = [m for m, st in summary["methods"].items() if any(st.get("pseudo_images") or [])]
+    if self_trained:
+        lines += [
+            "",
+            f"Self-training (segmenter.pseudo): {', '.join(self_trained)} also trained on pseudo-labels of "
+            "the task's unlabelled images (its labelled pool minus the shots, labels never read), which the "
+            "baseline does not see; counts per draw below.",
+        ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [
         "Comparison: image | label | each method's errors on that image (white: found vessel, red: false "
@@ -774,6 +797,9 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
                         else "fixed"
                     )
                     entry += f" (threshold {thresholds[d]:.3g}, {rule})"
+                pseudo = stats.get("pseudo_images") or []
+                if d < len(pseudo) and pseudo[d]:
+                    entry += f", self-trained on {pseudo[d]} unlabelled image(s)"
                 row.append(entry)
         lines.append(" | ".join(row))
     lines += [

@@ -419,6 +419,43 @@ class _SyntheticFeed:
         self.pulled_this_pass += 1
 
 
+def _pseudo_label(
+    network: nn.Module,
+    cfg: SegmenterConfig,
+    mixed: str,
+    shots: Sequence[RealCase],
+    unlabelled: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    pool: PatchPool,
+) -> dict[str, Any]:
+    """Label the unlabelled images with the network as it is now and add them to `pool`: the threshold is
+    the one best on the shots at this moment (choose_threshold), pixels outside an image's FOV are
+    background. Returns what was done (threshold, the shots' Dice there, vessel fraction, time)."""
+    started = time.perf_counter()
+    probe = Segmenter(network, cfg, cfg.infer.threshold, mixed_precision=mixed)
+    threshold, shots_dice = choose_threshold(
+        [probe.predict_proba(image) for image, _m, _f in shots],
+        [mask for _i, mask, _f in shots],
+        [fov for _i, _m, fov in shots],
+    )
+    vessel = inside_total = 0
+    for image, fov in unlabelled:
+        mask = probe.predict_proba(image) > threshold
+        inside = np.ones(mask.shape, bool) if fov is None else fov > 0
+        mask &= inside
+        vessel += int(np.count_nonzero(mask))
+        inside_total += int(np.count_nonzero(inside))
+        input_3HW = prepare_image(image, cfg.input.max_side_px)
+        pool.add(input_3HW, prepare_mask(mask, *input_3HW.shape[1:]))
+    return {
+        "num_images": len(unlabelled),
+        "threshold": threshold,
+        "shots_dice": shots_dice,
+        "vessel_fraction": vessel / max(1, inside_total),
+        "batch_fraction": cfg.pseudo.batch_fraction,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def load_initial_weights(model_dir: str | Path, cfg: SegmenterConfig) -> Segmenter:
     """The segmenter in model_dir, checked to have cfg's network (ValueError naming what differs)."""
     start = Segmenter.load(model_dir, device="cpu")
@@ -445,6 +482,7 @@ def train_segmenter(
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
     init_from: str | Path | None = None,
+    unlabelled: Sequence[tuple[np.ndarray, np.ndarray | None]] = (),
 ) -> Segmenter:
     """Train one segmenter on real cases and (optionally) synthetic pairs; save it to model_dir if given.
 
@@ -453,7 +491,9 @@ def train_segmenter(
     linearly to patch.synthetic_fraction_end by the last step when that is set. The threshold is then
     tuned on the real training cases (infer.tune_threshold). Runs on whatever `accelerate` sets up: CPU,
     one GPU, or several processes under `accelerate launch` (batch_size is per process). `init_from`: a
-    segmenter folder with the same network config whose weights training starts from.
+    segmenter folder with the same network config whose weights training starts from. `unlabelled`:
+    (image, fov or None) of the task's unlabelled images, for self-training when cfg.pseudo.enabled (their
+    pseudo-labels join the batches after cfg.pseudo.start_fraction of the steps; `_pseudo_label`).
     """
     if not real_cases and synthetic is None:
         raise ValueError("train_segmenter: no training data (no real cases and no synthetic pairs)")
@@ -488,6 +528,22 @@ def train_segmenter(
         if len(real_pool) == 0:
             return batch
         return round(batch * cfg.patch.synthetic_share(at_step, cfg.optim.max_steps))
+
+    pseudo_pool = PatchPool()
+    pseudo_step = None  # the step at which the unlabelled images get their pseudo-labels
+    if cfg.pseudo.enabled and unlabelled and real_cases:
+        pseudo_step = max(1, round(cfg.pseudo.start_fraction * cfg.optim.max_steps))
+    elif cfg.pseudo.enabled:
+        log.warning(
+            "pseudo.enabled but %s: training without pseudo-labels",
+            "no unlabelled image was given" if not unlabelled else "no labelled shot sets the threshold",
+        )
+    pseudo_record: dict[str, Any] | None = None
+
+    def pseudo_in_batch(num_real: int) -> int:  # taken out of the real shots' share, at least one left
+        if not len(pseudo_pool):
+            return 0
+        return min(round(batch * cfg.pseudo.batch_fraction), max(0, num_real - 1))
 
     num_synthetic = synthetic_in_batch(0)
     num_real = batch - num_synthetic
@@ -535,6 +591,7 @@ def train_segmenter(
     history: list[dict[str, float]] = []
     step = 0
     synthetic_patches = 0
+    pseudo_patches = 0
     interval_losses: list[float] = []
     interval_start = time.perf_counter()
     network.train()
@@ -547,11 +604,37 @@ def train_segmenter(
     )
     with logging_redirect_tqdm():
         while step < cfg.optim.max_steps:
-            # data: real and synthetic patches, mixed in one batch (the share may follow a schedule)
+            if step == pseudo_step:
+                pseudo_record = _pseudo_label(
+                    accelerator.unwrap_model(network), cfg, mixed, real_cases, unlabelled, pseudo_pool
+                )
+                pseudo_record["at_step"] = step
+                network.train()
+                if main:
+                    log.info(
+                        "step %06d: pseudo-labels for %d unlabelled image(s) at threshold %.2f (the shots' "
+                        "Dice there %.4f; vessel fraction %.4f; %.0f s)",
+                        step,
+                        pseudo_record["num_images"],
+                        pseudo_record["threshold"],
+                        pseudo_record["shots_dice"],
+                        pseudo_record["vessel_fraction"],
+                        pseudo_record["wall_s"],
+                    )
+            # data: real, synthetic and pseudo-labelled patches in one batch (shares may follow a schedule)
             num_synthetic = synthetic_in_batch(step)
             num_real = batch - num_synthetic
+            num_pseudo = pseudo_in_batch(num_real)
+            num_real -= num_pseudo
             synthetic_patches += num_synthetic
+            pseudo_patches += num_pseudo
             parts = []
+            if num_pseudo:
+                parts.append(
+                    pseudo_pool.sample(
+                        rng, num_pseudo, cfg.patch.patch_size_px, cfg.patch.foreground_fraction, cfg.augment
+                    )
+                )
             if num_real:
                 parts.append(
                     real_pool.sample(
@@ -658,6 +741,8 @@ def train_segmenter(
         "peak_lr": cfg.optim.lr,
         "final_loss": history[-1]["loss"],  # of the trained weights, not of their average
         "weights": "last step" if ema is None else f"average (ema_decay {cfg.optim.ema_decay})",
+        "pseudo_labels": pseudo_record,  # None unless self-training ran
+        "pseudo_patches": pseudo_patches,  # per process, cut from pseudo-labelled images (count)
         "threshold_source": threshold_source,
         "train_dice_at_threshold": train_dice,
         "wall_s": round(time.perf_counter() - started, 1),

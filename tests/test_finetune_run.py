@@ -21,6 +21,7 @@ from finetune_testdata import DATA, write_task
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.run import run_finetune
 from shards.inspect import verify_corpus
+from univg.config import ConfigError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "tiny.yaml"
 
@@ -196,6 +197,33 @@ def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path:
     assert run_summary["threshold"][0] == pytest.approx(t)
     assert run_summary["threshold_source"][0].startswith("area:")
     assert f"(threshold {t:.3g}, area rule)" in (out / "report.md").read_text()
+
+
+def test_self_training_labels_the_pool_minus_the_shots_for_univg_only(task_csv: Path, tmp_path: Path) -> None:
+    from finetune.segmenter import Segmenter
+
+    cfg = tiny(["methods=[univg,baseline]", "segmenter.pseudo.enabled=true", "segmenter.pseudo.max_images=8"])
+    out = tmp_path / "run"
+    run_finetune(task_csv, out, cfg, cases=["case_01", "case_03"], progress=False)
+    univg = Segmenter.load(out / "draw_0" / "univg" / "model").record
+    steps = cfg.segmenter.optim.max_steps
+    assert univg["pseudo_labels"]["num_images"] == 2  # case_00 and case_02: the train pool minus the shots
+    assert univg["pseudo_labels"]["at_step"] == round(cfg.segmenter.pseudo.start_fraction * steps)
+    assert univg["pseudo_patches"] > 0
+    baseline = Segmenter.load(out / "draw_0" / "baseline" / "model").record
+    assert baseline["pseudo_labels"] is None and baseline["pseudo_patches"] == 0
+    methods = json.loads((out / "summary.json").read_text())["methods"]
+    assert methods["univg"]["pseudo_images"] == [2] and methods["baseline"]["pseudo_images"] == [0]
+    report = (out / "report.md").read_text()
+    assert "self-trained on 2 unlabelled image(s)" in report
+    assert "Self-training (segmenter.pseudo): univg also trained" in report
+    # the baseline self-trains only when named
+    cfg = tiny(["methods=[baseline]", "segmenter.pseudo.enabled=true", "segmenter.pseudo.methods=[baseline]"])
+    run_finetune(task_csv, tmp_path / "base", cfg, cases=["case_01", "case_03"], progress=False)
+    record = Segmenter.load(tmp_path / "base" / "draw_0" / "baseline" / "model").record
+    assert record["pseudo_labels"]["num_images"] == 2
+    with pytest.raises(ConfigError, match="pseudo.methods: 'full' cannot self-train"):
+        tiny(["segmenter.pseudo.methods=[full]"])
 
 
 # --- bad input: a clear error, and no run folder ---

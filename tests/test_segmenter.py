@@ -23,7 +23,14 @@ from finetune.config import (
     SegmenterConfig,
 )
 from finetune.sampler import PatchPool, prepare_image, prepare_mask
-from finetune.segmenter import Segmenter, area_threshold, build_network, choose_threshold, train_segmenter
+from finetune.segmenter import (
+    THRESHOLDS,
+    Segmenter,
+    area_threshold,
+    build_network,
+    choose_threshold,
+    train_segmenter,
+)
 
 NO_AUGMENT = AugmentConfig(
     flip_prob=0, rot90_prob=0, rotate_prob=0, scale_prob=0, gamma_prob=0, contrast_prob=0,
@@ -277,6 +284,48 @@ def test_synthetic_share_follows_its_schedule() -> None:
     assert seg.record["synthetic_patches"] == 5 and seg.record["batch_real_synthetic"] == [2, 2]
     constant = train_segmenter(tiny_config("unet", steps=5), real_cases(1), synthetic=pairs, progress=False)
     assert constant.record["synthetic_patches"] == 10
+
+
+def test_pseudo_labels_come_from_the_network_midway_and_join_the_batches() -> None:
+    from dataclasses import replace
+
+    from finetune.config import PseudoLabelConfig
+    from finetune.segmenter import _pseudo_label
+
+    shots = real_cases(2, seed=5, colour=False)
+    rng = np.random.default_rng(6)
+    images = [vessel_pair(rng, 40, 46, colour=False)[0] for _ in range(3)]
+    fov = np.zeros((40, 46), np.uint8)
+    fov[5:35, 4:40] = 255
+    unlabelled = [(images[0], None), (images[1], fov), (images[2], None)]
+    base = tiny_config("unet", steps=6)
+    cfg = replace(base, pseudo=PseudoLabelConfig(enabled=True, start_fraction=0.5, batch_fraction=0.5))
+    seg = train_segmenter(cfg, shots, progress=False, unlabelled=unlabelled)
+    record = seg.record["pseudo_labels"]
+    assert record["at_step"] == 3 and record["num_images"] == 3
+    assert seg.record["pseudo_patches"] == 3 * 2  # steps 3, 4, 5; half of each batch of 4
+    assert record["threshold"] in THRESHOLDS and 0.0 <= record["vessel_fraction"] <= 1.0
+    # off, or nothing to label: the same training as plain shots, no pseudo patch
+    plain = train_segmenter(base, shots, progress=False, unlabelled=unlabelled)
+    assert plain.record["pseudo_labels"] is None and plain.record["pseudo_patches"] == 0
+    assert train_segmenter(cfg, shots, progress=False).record["pseudo_patches"] == 0
+    # the labels: the network's own masks at the threshold best on the shots, background outside the FOV
+    pool = PatchPool()
+    done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool)
+    t, dice = choose_threshold(
+        [seg.predict_proba(i) for i, _m, _f in shots], [m for _i, m, _f in shots], [None, None]
+    )
+    assert done["threshold"] == t and done["shots_dice"] == pytest.approx(dice)
+    for k, (image, f) in enumerate(unlabelled):
+        expected = seg.predict_proba(image) > t
+        if f is not None:
+            expected &= f > 0
+        np.testing.assert_array_equal(pool._masks_HW[k], expected.astype(np.uint8))
+    assert not pool._masks_HW[1][fov == 0].any()
+    with pytest.raises(ValueError, match="start_fraction"):
+        PseudoLabelConfig(start_fraction=1.0)
+    with pytest.raises(ValueError, match="batch_fraction"):
+        PseudoLabelConfig(batch_fraction=0.0)
 
 
 def test_flip_tta_averages_the_mirrored_predictions() -> None:

@@ -322,6 +322,15 @@ def test_pseudo_labels_come_from_the_network_midway_and_join_the_batches() -> No
             expected &= f > 0
         np.testing.assert_array_equal(pool._masks_HW[k], expected.astype(np.uint8))
     assert not pool._masks_HW[1][fov == 0].any()
+    # never mirrored, even where scoring is (so a model re-scored with mirroring was trained the same way)
+    mirrored = replace(cfg, infer=replace(cfg.infer, flip_tta=True))
+    assert not np.array_equal(
+        Segmenter(seg.network, mirrored).predict_proba(images[0]), seg.predict_proba(images[0])
+    )
+    again = PatchPool()
+    _pseudo_label(seg.network, mirrored, "no", shots, unlabelled, again)
+    for k in range(3):
+        np.testing.assert_array_equal(again._masks_HW[k], pool._masks_HW[k])
     with pytest.raises(ValueError, match="start_fraction"):
         PseudoLabelConfig(start_fraction=1.0)
     with pytest.raises(ValueError, match="batch_fraction"):

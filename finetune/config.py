@@ -274,8 +274,9 @@ class PseudoLabelConfig:
 
     After `start_fraction` of the steps, the segmenter being trained predicts those images; its masks, at
     the threshold best on the shots at that moment, become pseudo-labels, and from then on a share of each
-    batch is cut from them. The step count is unchanged. Off by default; univg and univg_gen only (the
-    baseline is the shots with standard augmentation, as the issue defines it).
+    batch is cut from them. The step count is unchanged. Off by default (the cpu-fast and gpu profiles turn it
+    on); it applies to the methods in `methods`: univg and univg_gen unless told otherwise, so the baseline
+    stays the shots with standard augmentation alone.
     """
 
     enabled: bool = False  # label the unlabelled images midway and train on them too

@@ -482,7 +482,8 @@ def run_finetune(
     area_rule = infer.tune_threshold and infer.threshold_rule == "area"
     unlabelled = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
     pseudo = cfg.segmenter.pseudo
-    pseudo_from = [unlabelled_cases(s, pseudo.max_images) if pseudo.enabled else [] for s in splits]
+    self_train = pseudo.enabled and bool(set(pseudo.methods) & set(cfg.methods))  # else nothing to load
+    pseudo_from = [unlabelled_cases(s, pseudo.max_images) if self_train else [] for s in splits]
     needed = {n for s in splits for n in s.train + s.eval} | {n for u in unlabelled + pseudo_from for n in u}
     if "full" in cfg.methods:
         needed |= set(splits[0].full_train)

@@ -282,6 +282,12 @@ def _resolve_mixed_precision(setting: str) -> str:
 
 # --- threshold ---
 
+
+def _inside(fov: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean HxW of the pixels that count: the FOV where there is one, else every pixel."""
+    return np.ones(shape, bool) if fov is None else fov > 0
+
+
 # Candidate thresholds (probability); 0.05 steps are finer than the threshold's effect on Dice varies.
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
@@ -299,7 +305,7 @@ def choose_threshold(
     pred_pos = np.zeros(len(edges))
     label_pos = 0.0
     for prob, label, fov in zip(probs, labels, fovs, strict=True):
-        inside = np.ones(label.shape, bool) if fov is None else fov > 0
+        inside = _inside(fov, label.shape)
         p = prob[inside]
         y = label[inside] > 0
         # prediction at threshold t is p > t; counts for every t from the sorted probabilities
@@ -329,7 +335,7 @@ def area_threshold(
         raise ValueError("area_threshold: needs at least one labelled shot and one unlabelled image")
     labelled = inside_total = 0
     for label, fov in zip(labels, label_fovs, strict=True):
-        inside = np.ones(label.shape, bool) if fov is None else fov > 0
+        inside = _inside(fov, label.shape)
         labelled += int(np.count_nonzero((label > 0) & inside))
         inside_total += int(np.count_nonzero(inside))
     fraction = labelled / max(1, inside_total)
@@ -443,7 +449,7 @@ def _pseudo_label(
     vessel = inside_total = 0
     for image, fov in unlabelled:
         mask = probe.predict_proba(image) > threshold
-        inside = np.ones(mask.shape, bool) if fov is None else fov > 0
+        inside = _inside(fov, mask.shape)
         mask &= inside
         vessel += int(np.count_nonzero(mask))
         inside_total += int(np.count_nonzero(inside))

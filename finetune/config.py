@@ -284,6 +284,7 @@ class PseudoLabelConfig:
     batch_fraction: float = 0.25  # share of each later batch cut from them, out of the real shots' share
     max_images: int = 16  # most unlabelled images labelled, spread over the pool (count)
     methods: tuple[str, ...] = ("univg", "univg_gen")  # the methods that self-train (full has no pool)
+    flip_tta: bool = False  # label with mirrored averaging (as infer.flip_tta scores), not one plain pass
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - {"univg", "univg_gen", "baseline"})

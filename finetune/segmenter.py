@@ -435,12 +435,12 @@ def _pseudo_label(
 ) -> dict[str, Any]:
     """Label the unlabelled images with the network as it is now and add them to `pool`: the threshold is
     the one best on the shots at this moment (choose_threshold), pixels outside an image's FOV are
-    background. Plain inference, never mirrored (infer.flip_tta is for scoring; so a saved model re-scored
-    with or without mirroring was trained the same way). Returns what was done (threshold, the shots' Dice
-    there, vessel fraction, time)."""
+    background. Mirrored averaging when cfg.pseudo.flip_tta, else one plain pass: infer.flip_tta, which is for
+    scoring, plays no part, so a saved model re-scored with or without mirroring was trained the same way.
+    Returns what was done (threshold, the shots' Dice there, vessel fraction, time)."""
     started = time.perf_counter()
-    plain = replace(cfg, infer=replace(cfg.infer, flip_tta=False))
-    probe = Segmenter(network, plain, cfg.infer.threshold, mixed_precision=mixed)
+    labeller = replace(cfg, infer=replace(cfg.infer, flip_tta=cfg.pseudo.flip_tta))
+    probe = Segmenter(network, labeller, cfg.infer.threshold, mixed_precision=mixed)
     threshold, shots_dice = choose_threshold(
         [probe.predict_proba(image) for image, _m, _f in shots],
         [mask for _i, mask, _f in shots],
@@ -461,6 +461,7 @@ def _pseudo_label(
         "shots_dice": shots_dice,
         "vessel_fraction": vessel / max(1, inside_total),
         "batch_fraction": cfg.pseudo.batch_fraction,
+        "mirrored": cfg.pseudo.flip_tta,
         "wall_s": round(time.perf_counter() - started, 1),
     }
 

@@ -331,6 +331,20 @@ def test_pseudo_labels_come_from_the_network_midway_and_join_the_batches() -> No
     _pseudo_label(seg.network, mirrored, "no", shots, unlabelled, again)
     for k in range(3):
         np.testing.assert_array_equal(again._masks_HW[k], pool._masks_HW[k])
+    # pseudo.flip_tta: labelled with mirrored averaging, threshold chosen on the mirrored shots
+    labeller = Segmenter(seg.network, mirrored)
+    flipped = replace(cfg, pseudo=replace(cfg.pseudo, flip_tta=True))
+    by_mirror = PatchPool()
+    done = _pseudo_label(seg.network, flipped, "no", shots, unlabelled, by_mirror)
+    t, _ = choose_threshold(
+        [labeller.predict_proba(i) for i, _m, _f in shots], [m for _i, m, _f in shots], [None, None]
+    )
+    assert done["threshold"] == t and done["mirrored"] is True
+    for k, (image, f) in enumerate(unlabelled):
+        expected = labeller.predict_proba(image) > t
+        if f is not None:
+            expected &= f > 0
+        np.testing.assert_array_equal(by_mirror._masks_HW[k], expected.astype(np.uint8))
     with pytest.raises(ValueError, match="start_fraction"):
         PseudoLabelConfig(start_fraction=1.0)
     with pytest.raises(ValueError, match="batch_fraction"):

@@ -3,13 +3,15 @@
     univg finetune --task my_task/pairs.csv --shots 5 --out runs/my_task [--profile cpu-fast|gpu]
     univg finetune --task my_task/pairs.csv --cases a,b,c --out runs/my_task --methods univg
     univg finetune ... --resume auto          # continue an interrupted run: finished stages are kept
+    univg finetune --task set_a/pairs.csv --eval-task set_b/pairs.csv ...   # shots of A, scored on B
 
 For each of `split.num_draws` draws of the shots (draw d: seed + d): split -> synthesis from the shots
 (data engine, CPU; shards + preview) -> segmenter on shots + synthetic pairs (`univg`) and on the shots
-alone (`baseline`) -> evaluation on the task's test split. Full supervision (`full`: every label of the
-pool) is trained once. Every method uses the same segmenter config and step budget. Then `summary.json`
-(per method: per draw and mean/std over draws; per case in each evaluation folder), `report.md` and
-`comparison.png` (a few test cases: image | label | each method's errors).
+alone (`baseline`) -> evaluation on the task's test split (or on another task's, `--eval-task`: shots
+from one set tested on another; everything trains on the first task only). Full supervision (`full`:
+every label of the pool) is trained once. Every method uses the same segmenter config and step budget.
+Then `summary.json` (per method: per draw and mean/std over draws; per case in each evaluation folder),
+`report.md` and `comparison.png` (a few test cases: image | label | each method's errors).
 
 Run folder:
     config.yaml  finetune.log  summary.json  report.md  comparison.png
@@ -46,7 +48,7 @@ import yaml
 from data_engine.ingest import Case, Task, load_case, read_task
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.metrics import METRICS
-from finetune.split import Split, draw_split, unlabelled_cases, write_split
+from finetune.split import Split, draw_split, score_on, unlabelled_cases, write_split
 from univg.config import add_config_options, cli_overrides, to_dict
 
 log = logging.getLogger("univg.finetune")
@@ -72,9 +74,14 @@ def profile_path(profile: str) -> Path:
 
 
 def plan_splits(
-    task: Task, task_path: str | Path, cfg: FinetuneConfig, cases: list[str] | None
+    task: Task,
+    task_path: str | Path,
+    cfg: FinetuneConfig,
+    cases: list[str] | None,
+    scored_on: tuple[Task, str | Path] | None = None,
 ) -> list[Split]:
-    """The run's draws: named cases (one draw), or split.num_draws draws of split.shots."""
+    """The run's draws: named cases (one draw), or split.num_draws draws of split.shots; scored on the task
+    `scored_on` (and its path) instead of their own, when given (`score_on`)."""
     if cases is not None:
         splits = [draw_split(task, cases=cases, task_path=task_path)]
     else:
@@ -82,6 +89,8 @@ def plan_splits(
             draw_split(task, shots=cfg.split.shots, seed=cfg.split.seed + d, task_path=task_path)
             for d in range(cfg.split.num_draws)
         ]
+    if scored_on is not None:
+        splits = [score_on(s, scored_on[0], task, scored_on[1]) for s in splits]
     if cfg.max_eval_cases:
         splits = [replace(s, eval=s.eval[: cfg.max_eval_cases]) for s in splits]
     return splits
@@ -205,11 +214,13 @@ def train_and_evaluate(
     init_from: str | Path | None = None,
     unlabelled: Sequence[str] = (),
     pseudo_from: Sequence[str] = (),
+    scored_task: Task | None = None,
 ) -> dict[str, Any]:
     """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
     `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: cases whose images
     (never their labels) the "area" threshold rule predicts. `pseudo_from`: cases whose images (never their
-    labels) self-training labels (segmenter.pseudo)."""
+    labels) self-training labels (segmenter.pseudo). `scored_task`: the task eval_names are cases of, when
+    not `task` (--eval-task)."""
     import cv2
 
     from finetune.evaluate import evaluate_cases
@@ -261,7 +272,8 @@ def train_and_evaluate(
             segmenter.record["threshold_source"],
             time.perf_counter() - started,
         )
-    by_name = {c.name: c for c in task.cases}
+    scored_task = task if scored_task is None else scored_task
+    by_name = {c.name: c for c in scored_task.cases}
     cases: list[Case] = [by_name[n] for n in eval_names]
 
     pred_dir = folder / "eval" / PRED_DIR
@@ -286,7 +298,7 @@ def train_and_evaluate(
     }
     started = time.perf_counter()
     summary = evaluate_cases(
-        task, cases, predict, folder / "eval", full_info, overlays=cfg.overlays, progress=progress
+        scored_task, cases, predict, folder / "eval", full_info, overlays=cfg.overlays, progress=progress
     )
     log.info(
         "%s: Dice %.4f +- %.4f on %d case(s) | clDice %.4f | eval %.0f s",
@@ -462,9 +474,11 @@ def run_finetune(
     overwrite: bool = False,
     progress: bool = True,
     generator_dir: str | Path | None = None,
+    eval_task_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """`univg finetune` as a function (module docstring); returns the run summary. `generator_dir` (a
-    pretrained generator folder, or a checkpoint folder holding generator/) is needed for univg_gen."""
+    pretrained generator folder, or a checkpoint folder holding generator/) is needed for univg_gen.
+    `eval_task_path`: score on that task instead (--eval-task); every training input stays task_path's."""
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
@@ -477,19 +491,27 @@ def run_finetune(
         init = Path(cfg.pretrained_segmenter).resolve()
         load_initial_weights(init, cfg.segmenter)  # readable, and the same network: checked before any write
     task = read_task(task_path)
-    splits = plan_splits(task, task_path, cfg, cases)
+    scored = task if eval_task_path is None else read_task(eval_task_path)
+    splits = plan_splits(
+        task, task_path, cfg, cases, None if eval_task_path is None else (scored, eval_task_path)
+    )
     infer = cfg.segmenter.infer
     area_rule = infer.tune_threshold and infer.threshold_rule == "area"
     unlabelled = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
     pseudo = cfg.segmenter.pseudo
     self_train = pseudo.enabled and bool(set(pseudo.methods) & set(cfg.methods))  # else nothing to load
     pseudo_from = [unlabelled_cases(s, pseudo.max_images) if self_train else [] for s in splits]
-    needed = {n for s in splits for n in s.train + s.eval} | {n for u in unlabelled + pseudo_from for n in u}
+    needed = {n for s in splits for n in s.train} | {n for u in unlabelled + pseudo_from for n in u}
     if "full" in cfg.methods:
         needed |= set(splits[0].full_train)
+    scored_names = {n for s in splits for n in s.eval}
+    if scored is task:
+        needed |= scored_names
     loaded = load_cases(task, needed, progress)
+    loaded_scored = loaded if scored is task else load_cases(scored, scored_names, progress)
     cfg_dict = {
         "task": str(task_path),
+        **({} if eval_task_path is None else {"eval_task": str(eval_task_path)}),
         "cases": cases,
         "generator": None if generator is None else str(generator),
         **to_dict(cfg),
@@ -510,19 +532,32 @@ def run_finetune(
             out,
         )
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
+        # in every evaluation summary: the task scored, and the one trained on when it is another
+        where: dict[str, str] = {"task_path": str(task_path if eval_task_path is None else eval_task_path)}
+        if eval_task_path is not None:
+            where["trained_on_task_path"] = str(task_path)
         if "full" in cfg.methods:
             s0 = splits[0]
-            info = {"method": "full", "task_path": str(task_path), "cases_from": s0.eval_from}
+            info = {"method": "full", **where, "cases_from": s0.eval_from}
             results["full"].append(
                 train_and_evaluate(
-                    cfg, task, loaded, s0.full_train, s0.eval, None, out / "full", info, progress
+                    cfg,
+                    task,
+                    loaded,
+                    s0.full_train,
+                    s0.eval,
+                    None,
+                    out / "full",
+                    info,
+                    progress,
+                    scored_task=scored,
                 )
             )
         for d, split in enumerate(splits):
             draw_dir = out / f"draw_{d}"
             write_split(split, draw_dir)
             log.info("draw %d: shots %s (seed %s)", d, ", ".join(split.train), split.seed)
-            base_info = {"task_path": str(task_path), "cases_from": split.eval_from, "draw": d}
+            base_info = {**where, "cases_from": split.eval_from, "draw": d}
             if "univg" in cfg.methods:
                 synthetic = synthesize(cfg, loaded, split, draw_dir / "synthetic", d, progress)
                 results["univg"].append(
@@ -539,6 +574,7 @@ def run_finetune(
                         init,
                         unlabelled[d],
                         pseudo_from[d] if "univg" in pseudo.methods else [],
+                        scored,
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -566,6 +602,7 @@ def run_finetune(
                         init,
                         unlabelled[d],
                         pseudo_from[d] if "univg_gen" in pseudo.methods else [],
+                        scored,
                     )
                 )
             if "baseline" in cfg.methods:
@@ -582,6 +619,7 @@ def run_finetune(
                         progress,
                         unlabelled=unlabelled[d],
                         pseudo_from=pseudo_from[d] if "baseline" in pseudo.methods else [],
+                        scored_task=scored,
                     )
                 )
         main_method = next(m for m in ("univg", "univg_gen", "baseline", "full") if m in cfg.methods)
@@ -590,7 +628,7 @@ def run_finetune(
             shutil.copytree(source, out / "model", dirs_exist_ok=True)
         summary = _summarise(task, task_path, cfg, splits, results, time.perf_counter() - started, out)
         _write_report(summary, out)
-        _comparison_picture(loaded, splits[0], cfg, out)
+        _comparison_picture(loaded_scored, splits[0], cfg, out)
         tmp = out / (SUMMARY_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(out / SUMMARY_FILE)
@@ -652,6 +690,8 @@ def _summarise(
         "draws": [{"seed": s.seed, "train": s.train} for s in splits],
         "num_eval_cases": len(splits[0].eval),
         "eval_from": splits[0].eval_from,
+        "eval_task": splits[0].eval_task,  # None: scored on the task itself
+        "eval_task_path": splits[0].eval_task_path,
         "segmenter": {
             "arch": cfg.segmenter.net.arch,
             "steps": cfg.segmenter.optim.max_steps,
@@ -752,7 +792,8 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         return f"{m['mean']:.4f} +- {m['std']:.4f}" if stats["num_draws"] > 1 else f"{m['mean']:.4f}"
 
     lines = [
-        f"# Few-shot segmentation: {summary['task']}",
+        f"# Few-shot segmentation: {summary['task']}"
+        + (f", scored on {summary['eval_task']}" if summary.get("eval_task") else ""),
         "",
         f"{summary['shots']} shot(s), {summary['num_draws']} draw(s); scored on {summary['num_eval_cases']} "
         f"case(s) ({summary['eval_from']}). Segmenter: {summary['segmenter']['arch']}, "
@@ -875,6 +916,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument(
+        "--eval-task",
+        default=None,
+        help="score on this task's test split (or every case) instead: shots from one set tested on another",
+    )
+    parser.add_argument(
         "--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml (default cpu-fast)"
     )
     parser.add_argument("--config", default=None, help="a fine-tuning YAML instead of --profile")
@@ -936,8 +982,10 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         generator_dir=args.generator,
+        eval_task_path=args.eval_task,
     )
-    print(f"{summary['task']}: {summary['shots']} shot(s), {summary['num_draws']} draw(s)")
+    scored = f", scored on {summary['eval_task']}" if summary.get("eval_task") else ""
+    print(f"{summary['task']}: {summary['shots']} shot(s), {summary['num_draws']} draw(s){scored}")
     for method, stats in summary["methods"].items():
         print(f"  {method:<8} Dice {stats['dice']['mean']:.4f} +- {stats['dice']['std']:.4f}")
     print(f"report: {Path(args.out) / 'report.md'}")

@@ -12,13 +12,16 @@ Rules:
   in task order; `cases` names them instead (any case outside the test split).
 - Scoring uses the `test` split; a task without one is scored on every case not drawn.
 - Full supervision (the upper bound) trains on the whole pool.
+- `score_on(split, other, source)` keeps the shots and the pool and scores on another task instead (shots from
+  one set tested on another): its test split, or every case when it has none. No scored image may be one of
+  the training pool's images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ class Split:
     eval: list[str]  # the cases scored
     eval_from: str  # "test" (the test split) or "not drawn" (every case outside `train`)
     full_train: list[str]  # every pool case: what full supervision trains on
+    eval_task: str | None = None  # the task `eval` names cases of, when not this one (score_on)
+    eval_task_path: str | None = None  # its manifest or folder (as given)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +135,38 @@ def draw_split(
     )
 
 
+def score_on(split: Split, task: Task, source: Task, task_path: str | Path) -> Split:
+    """`split` (drawn from `source`) scored on `task` instead: its test split, or every case when it has none.
+
+    ValueError when one of the scored images is one of the training pool's images (the score would include
+    training images)."""
+    where = str(task_path)
+    test = task.split("test")
+    scored, eval_from = (
+        (test, f"test split of {task.name}")
+        if test
+        else (
+            list(task.cases),
+            f"every case of {task.name} (it has no test split)",
+        )
+    )
+    pool = {c.name: c for c in source.cases}
+    pool_images = {pool[n].image_path.resolve() for n in split.full_train}
+    shared = [c.name for c in scored if c.image_path.resolve() in pool_images]
+    if shared:
+        raise ValueError(
+            f"{where}: scored case(s) {', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''} use images "
+            f"of {source.name}'s training pool; the score would include training images"
+        )
+    return replace(
+        split,
+        eval=[c.name for c in scored],
+        eval_from=eval_from,
+        eval_task=task.name,
+        eval_task_path=where,
+    )
+
+
 def unlabelled_cases(split: Split, max_cases: int) -> list[str]:
     """The labelled pool minus the shots, for a rule that reads their images and never their labels; at most
     `max_cases`, spread evenly over the pool in task order. (For a task without a test split these are the
@@ -177,7 +214,8 @@ def read_split(path: str | Path) -> Split:
 def check_split_matches(split: Split, task: Task, source: str | Path) -> None:
     """Raise ValueError naming `source` when the split names cases the task does not have."""
     names = {c.name for c in task.cases}
-    missing = [n for n in split.train + split.eval if n not in names]
+    # a split scored on another task (score_on) names that task's cases in `eval` only
+    missing = [n for n in (split.eval if split.eval_task else split.train + split.eval) if n not in names]
     if missing:
         raise ValueError(
             f"{source}: split names case(s) not in task {task.name}: {', '.join(missing[:10])}"

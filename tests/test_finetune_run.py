@@ -158,6 +158,59 @@ def test_named_cases(task_csv: Path, tmp_path: Path) -> None:
     assert summary["num_draws"] == 1 and summary["draws"][0]["train"] == ["case_01", "case_03"]
 
 
+def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: Path) -> None:
+    # the other set: grey, another size, no test split (so every case is scored), names that collide
+    other = write_task(tmp_path / "other", ["none"] * 3, size=(56, 60), colour=False, seed=9)
+    cfg = tiny(["methods=[univg,baseline,full]", "split.num_draws=1"])
+    out = tmp_path / "run"
+    summary = run_finetune(task_csv, out, cfg, progress=False, eval_task_path=other)
+    assert summary["task"] == task_csv.parent.name
+    assert summary["eval_task"] == "other" and summary["eval_task_path"] == str(other)
+    assert (
+        summary["num_eval_cases"] == 3
+        and summary["eval_from"] == "every case of other (it has no test split)"
+    )
+    split = json.loads((out / "draw_0" / "split.json").read_text())
+    assert split["eval"] == ["case_00", "case_01", "case_02"] and split["eval_task"] == "other"
+    assert set(split["train"]) <= {"case_00", "case_01", "case_02", "case_03"}  # the first set's train split
+    for folder in ("draw_0/univg", "draw_0/baseline", "full"):
+        ev = json.loads((out / folder / "eval" / "summary.json").read_text())
+        assert ev["task"] == "other" and ev["num_cases"] == 3
+        assert ev["task_path"] == str(other) and ev["trained_on_task_path"] == str(task_csv)
+        # scored against the other set's labels: its masks, not the first set's files of the same names
+        pred = cv2.imread(str(out / folder / "eval" / "pred" / "case_01.png"), cv2.IMREAD_GRAYSCALE)
+        assert pred.shape == (56, 60)
+    full = json.loads((out / "full" / "eval" / "summary.json").read_text())
+    assert full["train_cases"] == ["case_00", "case_01", "case_02", "case_03"]
+    assert (
+        (out / "report.md")
+        .read_text()
+        .startswith(f"# Few-shot segmentation: {summary['task']}, scored on other")
+    )
+    # the split file scores with univg evaluate against the other set (its eval names are the other's cases)
+    from finetune.evaluate import evaluate_folder
+
+    again = evaluate_folder(
+        out / "draw_0" / "baseline" / "eval" / "pred",
+        other,
+        tmp_path / "again",
+        split_path=out / "draw_0" / "split.json",
+        progress=False,
+    )
+    baseline = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
+    assert again["mean"]["dice"] == pytest.approx(baseline["mean"]["dice"])
+    # a scored image that is one of the training pool's: refused before anything is written
+    rows = ["image,mask,fov,split"] + [
+        f"{task_csv.parent}/images/case_{i:02d}.png,{task_csv.parent}/masks/case_{i:02d}_gt.png,,test"
+        for i in (1, 4)
+    ]
+    leaky = tmp_path / "leaky.csv"
+    leaky.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="case_01 use images of .* training pool"):
+        run_finetune(task_csv, tmp_path / "leak", cfg, progress=False, eval_task_path=leaky)
+    assert not (tmp_path / "leak").exists()
+
+
 def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path: Path) -> None:
     from data_engine.ingest import load_case, read_task
     from finetune.segmenter import Segmenter, area_threshold

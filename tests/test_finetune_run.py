@@ -179,7 +179,7 @@ def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: 
         assert ev["task_path"] == str(other) and ev["trained_on_task_path"] == str(task_csv)
         # scored against the other set's labels: its masks, not the first set's files of the same names
         pred = cv2.imread(str(out / folder / "eval" / "pred" / "case_01.png"), cv2.IMREAD_GRAYSCALE)
-        assert pred.shape == (56, 60)
+        assert pred is not None and pred.shape == (56, 60)
     full = json.loads((out / "full" / "eval" / "summary.json").read_text())
     assert full["train_cases"] == ["case_00", "case_01", "case_02", "case_03"]
     assert (

@@ -812,8 +812,8 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         lines += [
             "",
             f"Self-training (segmenter.pseudo): {', '.join(self_trained)} also trained on pseudo-labels of "
-            "the task's unlabelled images (its labelled pool minus the shots, labels never read), which the "
-            "baseline does not see; counts per draw below.",
+            f"{summary['task']}'s unlabelled images (its labelled pool minus the shots, labels never read), "
+            "which the baseline does not see; counts per draw below.",
         ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_fewshot import run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -161,15 +162,7 @@ def main() -> int:
         jobs: list[Job] = [
             (str(args.data), a, b, *common) for a in sets for b in sets if a != b or args.diagonal
         ]
-        if args.jobs == 1:
-            for job in jobs:
-                print(run_job(job), flush=True)
-        else:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-                for line in pool.imap_unordered(run_job, jobs):
-                    print(line, flush=True)
+        run_jobs(run_job, jobs, args.jobs)
     results = collect(args.out)
     (args.out / "crossset.json").write_text(json.dumps(results, indent=2) + "\n")
     text = tables(results)

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,20 @@ def run_job(job: Job) -> str:
     started = time.perf_counter()
     run_finetune(task, run_dir, cfg, resume=run_dir.exists(), progress=False)
     return f"{run_dir}: {time.perf_counter() - started:.0f} s"
+
+
+def run_jobs(run: Callable[[Any], str], jobs: Sequence[Any], num_jobs: int) -> None:
+    """Run every job, `num_jobs` at once (each in a fresh spawned process, so threads and state stay its
+    own), printing the line each returns as it finishes."""
+    if num_jobs == 1:
+        for job in jobs:
+            print(run(job), flush=True)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(num_jobs, maxtasksperchild=1) as pool:
+        for line in pool.imap_unordered(run, jobs):
+            print(line, flush=True)
 
 
 def full_dir_name(seed: int) -> str:
@@ -251,15 +266,7 @@ def main() -> int:
         if not args.skip_full:
             jobs += [(n, None, *common, s) for s in range(args.full_seeds) for n in sets]
         jobs += [(n, k, *common, 0) for k in shot_counts for n in sets]
-        if args.jobs == 1:
-            for job in jobs:
-                print(run_job(job), flush=True)
-        else:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-                for line in pool.imap_unordered(run_job, jobs):
-                    print(line, flush=True)
+        run_jobs(run_job, jobs, args.jobs)
     results = collect(args.out, args.baseline_from)
     (args.out / "fewshot.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)

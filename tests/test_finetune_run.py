@@ -211,6 +211,33 @@ def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: 
     assert not (tmp_path / "leak").exists()
 
 
+def test_images_larger_than_the_input_cap_train_downscaled_and_score_at_native_size(
+    task_csv: Path, tmp_path: Path
+) -> None:
+    # 64 x 72 images, network input capped at 40 px (as cpu-fast caps at 1024): shots, synthetic pairs and
+    # pseudo-labels go in downscaled; predictions come back at the images' own size and are scored there
+    cfg = tiny(
+        [
+            "methods=[univg]",
+            "split.num_draws=1",
+            "segmenter.input.max_side_px=40",
+            "segmenter.pseudo.enabled=true",
+        ]
+    )
+    out = tmp_path / "run"
+    summary = run_finetune(task_csv, out, cfg, progress=False)
+    ev = json.loads((out / "draw_0" / "univg" / "eval" / "summary.json").read_text())
+    assert ev["pseudo_labels"]["num_images"] == 2 and ev["num_cases"] == 2
+    for name in ("case_04", "case_05"):
+        pred = cv2.imread(
+            str(out / "draw_0" / "univg" / "eval" / "pred" / f"{name}.png"), cv2.IMREAD_GRAYSCALE
+        )
+        assert pred is not None and pred.shape == (64, 72)
+    assert 0.0 <= summary["methods"]["univg"]["dice"]["mean"] <= 1.0
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["segmenter"]["input"]["max_side_px"] == 40  # univg segment reads it back with the weights
+
+
 def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path: Path) -> None:
     from data_engine.ingest import load_case, read_task
     from finetune.segmenter import Segmenter, area_threshold

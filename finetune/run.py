@@ -320,12 +320,15 @@ def synthesize(
     draw: int,
     progress: bool,
 ) -> Any:
-    """Make (or reuse) the draw's synthetic set in folder; returns a re-iterable of (image, mask) pairs."""
+    """Make (or reuse) the draw's synthetic set in folder; returns a re-iterable of (image, mask) pairs. Shots
+    larger than the network input (segmenter.input.max_side_px) are synthesised from at that size, where
+    training would downscale the pairs anyway."""
     from finetune.synthesis import ShotSynthesizer, write_synthetic
 
     syn_cfg = replace(cfg.synthesis, seed=cfg.synthesis.seed + 1000 * draw)
     started = time.perf_counter()
-    synth = ShotSynthesizer([loaded[n] for n in split.train], syn_cfg, names=split.train)
+    shots = [at_input_size(loaded[n], cfg.segmenter.input.max_side_px) for n in split.train]
+    synth = ShotSynthesizer(shots, syn_cfg, names=split.train)
     write_synthetic(synth, folder, progress=progress, config=to_dict(syn_cfg))
     log.info(
         "draw %d: %d synthetic pairs from %d shot(s) in %s (%.0f s; preview %s)",
@@ -337,6 +340,21 @@ def synthesize(
         folder / "preview.png",
     )
     return _ShardPairs(folder)
+
+
+def at_input_size(case: LoadedCase, max_side_px: int) -> LoadedCase:
+    """A case downscaled to the network's input size (finetune.sampler.input_size): the image area-averaged,
+    mask and FOV as prepare_mask makes them ({0, 255}); unchanged when it is no larger."""
+    from finetune.sampler import input_size, prepare_mask
+
+    image, mask, fov = case
+    height, width = input_size(image.shape[0], image.shape[1], max_side_px)
+    if (height, width) == image.shape[:2]:
+        return case
+    small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    binary = [None if m is None else prepare_mask(m, height, width) * np.uint8(255) for m in (mask, fov)]
+    assert binary[0] is not None
+    return small, binary[0], binary[1]
 
 
 class _ShardPairs:

@@ -236,6 +236,11 @@ def test_images_larger_than_the_input_cap_train_downscaled_and_score_at_native_s
     assert 0.0 <= summary["methods"]["univg"]["dice"]["mean"] <= 1.0
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["segmenter"]["input"]["max_side_px"] == 40  # univg segment reads it back with the weights
+    # the synthesis worked from the shots at the input size (64 x 72 -> 36 x 40), not at native size
+    from finetune.run import _ShardPairs
+
+    sizes = {(image.shape[:2], mask.shape) for image, mask in _ShardPairs(out / "draw_0" / "synthetic")}
+    assert sizes == {((36, 40), (36, 40))}
 
 
 def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path: Path) -> None:

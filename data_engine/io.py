@@ -21,15 +21,23 @@ Conventions, decided once here so every stage sees the same pixels:
   line up the way annotation tools save them.
 - Masks are never read through the 8-bit conversion: the raw values are thresholded at half the file's
   own maximum (vessel = value > max / 2), so 0/1, 0/255, 0/65535, palette and colour masks all work and
-  stray grey edge pixels fall on the nearer side.
+  stray grey edge pixels fall on the nearer side. A label map (a few small whole values, such as artery 1 /
+  vein 2, or coronary segment numbers) loses its classes at or below half the largest: read_mask warns,
+  naming the file and the labels dropped, so that it can be binarised first.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger("data_engine.io")
+
+# A mask whose values are all whole numbers up to this is taken for a label map (read_mask's warning).
+LABEL_MAP_MAX = 64
 
 # The 8-byte signature every PNG stream starts with (PNG spec, section 5.2).
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -165,7 +173,30 @@ def read_mask(path: str | Path) -> np.ndarray:
     if high <= 0:
         return np.zeros(values.shape, np.uint8)
     # Compare in float64 so 0/1 masks (half = 0.5) and 16-bit masks threshold the same way.
-    return np.where(values.astype(np.float64) > float(high) / 2.0, np.uint8(255), np.uint8(0))
+    above = values.astype(np.float64) > float(high) / 2.0
+    if 1 < high <= LABEL_MAP_MAX:
+        _warn_dropped_labels(path, values, above)
+    return np.where(above, np.uint8(255), np.uint8(0))
+
+
+def _warn_dropped_labels(path: str | Path, values: np.ndarray, above: np.ndarray) -> None:
+    """Warn when a label-map mask (whole values 0..LABEL_MAP_MAX) has labelled pixels at or below half its
+    maximum, which the half-maximum rule makes background."""
+    labels = np.unique(values)
+    if not np.array_equal(labels, np.round(labels)):
+        return
+    dropped = (values > 0) & ~above
+    if dropped.any():
+        lost = [int(v) for v in np.unique(values[dropped])]
+        log.warning(
+            "mask %s looks like a label map (values %s): labels %s, %.0f %% of its labelled pixels, are at "
+            "or below half the maximum and read as background; binarise it first (every label > 0 -> 255) "
+            "if they are vessels too",
+            path,
+            ", ".join(str(int(v)) for v in labels),
+            ", ".join(map(str, lost)),
+            100.0 * np.count_nonzero(dropped) / np.count_nonzero(values > 0),
+        )
 
 
 def _palette_indices(path: Path, values: np.ndarray) -> np.ndarray:

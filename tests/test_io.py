@@ -173,6 +173,35 @@ def test_mask_with_stray_grey_pixels_thresholds_at_half_max(tmp_path: Path) -> N
     np.testing.assert_array_equal(out[1:], expected_mask()[1:])
 
 
+def test_label_map_mask_warns_about_the_labels_it_drops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels = np.zeros(VESSELS.shape, np.uint8)
+    labels[VESSELS] = 1  # e.g. arteries
+    labels[0, :3] = 2  # e.g. veins
+    assert cv2.imwrite(str(tmp_path / "av.png"), labels)
+    with caplog.at_level("WARNING", logger="data_engine.io"):
+        out = read_mask(tmp_path / "av.png")
+    # the contract (half the maximum) holds: only label 2 is vessel, and the warning says what was lost
+    assert out[0, :3].tolist() == [255, 255, 255] and np.count_nonzero(out) == 3
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "av.png looks like a label map (values 0, 1, 2): labels 1," in message and "binarise it" in message
+    # binary masks of any coding, and grey edge pixels of an 8-bit mask, do not warn
+    caplog.clear()
+    grey = VESSELS.astype(np.uint8) * 255
+    grey[0, :2] = [100, 127]
+    for name, values in (
+        ("m01.png", VESSELS.astype(np.uint8)),
+        ("m255.png", grey),
+        ("m02.png", labels * 0 + 2 * VESSELS),
+    ):
+        assert cv2.imwrite(str(tmp_path / name), values.astype(np.uint8))
+        with caplog.at_level("WARNING", logger="data_engine.io"):
+            read_mask(tmp_path / name)
+    assert not caplog.records
+
+
 def test_colour_mask_uses_the_brightest_channel(tmp_path: Path) -> None:
     colour = np.zeros((*VESSELS.shape, 3), np.uint8)
     colour[VESSELS, 2] = 255  # red vessels on black (BGR)

@@ -592,7 +592,7 @@ def run_finetune(
                         init,
                         unlabelled[d],
                         pseudo_from[d] if "univg" in pseudo.methods else [],
-                        scored,
+                        scored_task=scored,
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -620,7 +620,7 @@ def run_finetune(
                         init,
                         unlabelled[d],
                         pseudo_from[d] if "univg_gen" in pseudo.methods else [],
-                        scored,
+                        scored_task=scored,
                     )
                 )
             if "baseline" in cfg.methods:

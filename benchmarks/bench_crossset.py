@@ -8,8 +8,9 @@ of sets (`univg finetune --task A --eval-task B` underneath), as a Dice matrix.
 
 Reads `<data>/<set>/pairs.csv` (default data: ../shared/data; absent sets are skipped). Each ordered pair is
 one run folder `<out>/<A>_on_<B>` (methods univg + baseline, `--draws` draws of `--shots`, trained on A's
-train split and scored on B's test split, or on all of B when it has none). Runs resume. `--diagonal` adds
-A on A (the in-set reference). Writes `<out>/crossset.json`, `<out>/crossset.md` (one matrix per method,
+train split and scored on B's test split, or on all of B when it has none; `--target-unlabelled` self-trains
+on B's train images, labels unread, instead of A's). Runs resume. `--diagonal` adds A on A (the in-set
+reference). Writes `<out>/crossset.json`, `<out>/crossset.md` (one matrix per method,
 rows: the set the shots come from; columns: the set scored) and `<out>/crossset.png`.
 """
 
@@ -31,12 +32,12 @@ DATA = ROOT.parent / "shared" / "data"
 SETS = ("CHASE_DB1", "CIMAT_XCA80", "OCTA500_3M")
 METHODS = ("univg", "baseline")
 
-Job = tuple[str, str, str, int, int, str, str, list[str], int]
+Job = tuple[str, str, str, int, int, str, str, list[str], int, bool]
 
 
 def run_job(job: Job) -> str:
     """One run folder: the shots of `source`, scored on `target`."""
-    data, source, target, shots, draws, profile, out, overrides, threads = job
+    data, source, target, shots, draws, profile, out, overrides, threads, target_unlabelled = job
     import torch
 
     torch.set_num_threads(threads)
@@ -56,6 +57,8 @@ def run_job(job: Job) -> str:
         resume=run_dir.exists(),
         progress=False,
         eval_task_path=None if source == target else scored,
+        # self-training on the scored set's train split (its labels never read), not the shots' set
+        unlabelled_path=scored if target_unlabelled and source != target else None,
     )
     return f"{run_dir}: {time.perf_counter() - started:.0f} s"
 
@@ -146,6 +149,11 @@ def main() -> int:
     parser.add_argument("--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_crossset"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each on cores / jobs threads")
+    parser.add_argument(
+        "--target-unlabelled",
+        action="store_true",
+        help="self-train on the scored set's train images (univg finetune --unlabelled B) instead of A's",
+    )
     parser.add_argument("--report-only", action="store_true", help="only tabulate finished runs")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args()
@@ -160,7 +168,10 @@ def main() -> int:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         common = (args.shots, args.draws, args.profile, str(args.out), args.overrides, threads)
         jobs: list[Job] = [
-            (str(args.data), a, b, *common) for a in sets for b in sets if a != b or args.diagonal
+            (str(args.data), a, b, *common, args.target_unlabelled)
+            for a in sets
+            for b in sets
+            if a != b or args.diagonal
         ]
         run_jobs(run_job, jobs, args.jobs)
     results = collect(args.out)

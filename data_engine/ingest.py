@@ -186,6 +186,35 @@ def _unique_names(image_paths: list[Path], root: Path) -> list[str]:
     raise AssertionError("distinct image paths always give distinct names")  # paths were deduplicated
 
 
+def unlabelled_images(path: str | Path) -> tuple[str, list[tuple[str, Path, Path | None]]]:
+    """Images to use without their labels: (a one-line description, [(name, image path, fov path or None)]).
+
+    `path` is a task (manifest CSV, or a folder with images/ and masks/): its cases outside the test split,
+    with their FOVs, masks never read; or a folder of image files (directly in it, or in its images/
+    subfolder), without FOVs. Names are the task's case names, or the file stems.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such task manifest or image folder")
+    if path.is_file() or (path / "masks").is_dir():
+        task = read_task(path)
+        kept = [c for c in task.cases if c.split != "test"]
+        if not kept:
+            raise ValueError(
+                f"{path}: every case of {task.name} is in its test split; no image is left to use"
+            )
+        splits = "+".join(s for s in SPLITS if any(c.split == s for c in kept))
+        return (
+            f"{task.name} ({len(kept)} image(s) of its {splits} split, labels never read)",
+            [(c.name, c.image_path, c.fov_path) for c in kept],
+        )
+    folder = path / "images" if (path / "images").is_dir() else path
+    files = _image_files(folder)
+    if not files:
+        raise ValueError(f"{folder}: holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return f"{folder} ({len(files)} image(s))", [(stem, p, None) for stem, p in files.items()]
+
+
 def load_case(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(image uint8 HxW or HxWx3 BGR, mask uint8 HxW {0,255}, fov uint8 HxW {0,255} or None), checked.
 

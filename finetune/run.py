@@ -4,14 +4,17 @@
     univg finetune --task my_task/pairs.csv --cases a,b,c --out runs/my_task --methods univg
     univg finetune ... --resume auto          # continue an interrupted run: finished stages are kept
     univg finetune --task set_a/pairs.csv --eval-task set_b/pairs.csv ...   # shots of A, scored on B
+    univg finetune ... --unlabelled set_b/pairs.csv   # self-training on B's non-test images, labels unread
 
 For each of `split.num_draws` draws of the shots (draw d: seed + d): split -> synthesis from the shots
 (data engine, CPU; shards + preview) -> segmenter on shots + synthetic pairs (`univg`) and on the shots
 alone (`baseline`) -> evaluation on the task's test split (or on another task's, `--eval-task`: shots
-from one set tested on another; everything trains on the first task only). Full supervision (`full`:
-every label of the pool) is trained once. Every method uses the same segmenter config and step budget.
-Then `summary.json` (per method: per draw and mean/std over draws; per case in each evaluation folder),
-`report.md` and `comparison.png` (a few test cases: image | label | each method's errors).
+from one set tested on another; everything labelled comes from the first task; `--unlabelled` points
+self-training at other images, without their labels, such as the second set's train split). Full
+supervision (`full`: every label of the pool) is trained once. Every method uses the same segmenter
+config and step budget. Then `summary.json` (per method: per draw and mean/std over draws; per case in
+each evaluation folder), `report.md` and `comparison.png` (a few test cases: image | label | each
+method's errors).
 
 Run folder:
     config.yaml  finetune.log  summary.json  report.md  comparison.png
@@ -45,10 +48,10 @@ import cv2
 import numpy as np
 import yaml
 
-from data_engine.ingest import Case, Task, load_case, read_task
+from data_engine.ingest import Case, Task, load_case, read_task, unlabelled_images
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.metrics import METRICS
-from finetune.split import Split, draw_split, score_on, unlabelled_cases, write_split
+from finetune.split import Split, draw_split, score_on, spread, unlabelled_cases, write_split
 from univg.config import add_config_options, cli_overrides, to_dict
 
 log = logging.getLogger("univg.finetune")
@@ -59,6 +62,7 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 PRED_DIR = "pred"  # <method>/eval/pred/<case>.png: the thresholded masks that were scored
 LoadedCase = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+UnlabelledImage = tuple[np.ndarray, np.ndarray | None]  # (image, FOV or None): no label
 
 
 # --- input ---
@@ -105,6 +109,43 @@ def load_cases(task: Task, names: set[str], progress: bool = True) -> dict[str, 
     bar = tqdm(sorted(names), desc="read cases", unit="case", leave=False, disable=not progress)
     for name in bar:
         loaded[name] = load_case(by_name[name])
+    return loaded
+
+
+def read_unlabelled(path: str | Path, scored_images: set[Path]) -> tuple[str, list[str]]:
+    """(description, image names) of --unlabelled's images; ValueError when one of them is a scored image
+    (self-training on it would fit the model to the very images it is scored on)."""
+    description, images = unlabelled_images(path)
+    clash = [name for name, image, _fov in images if image.resolve() in scored_images]
+    if clash:
+        raise ValueError(
+            f"--unlabelled {path}: image(s) {', '.join(clash[:5])}{' ...' if len(clash) > 5 else ''} are "
+            "among the images scored; give images the run is not scored on (a task's train split, or a "
+            "folder of other images)"
+        )
+    return description, [name for name, _image, _fov in images]
+
+
+def load_unlabelled(path: str | Path, names: set[str], progress: bool = True) -> dict[str, UnlabelledImage]:
+    """(image, FOV or None) of the named --unlabelled images, checked (ValueError naming the file)."""
+    from tqdm import tqdm
+
+    from data_engine.io import read_image, read_mask
+
+    files = {name: (image, fov) for name, image, fov in unlabelled_images(path)[1]}
+    loaded: dict[str, UnlabelledImage] = {}
+    for name in tqdm(
+        sorted(names), desc="read unlabelled images", unit="image", leave=False, disable=not progress
+    ):
+        image_path, fov_path = files[name]
+        image = read_image(image_path)
+        fov = None if fov_path is None else read_mask(fov_path)
+        if fov is not None and fov.shape != image.shape[:2]:
+            raise ValueError(
+                f"--unlabelled {path}: fov {fov_path} is {fov.shape[1]}x{fov.shape[0]} px but image "
+                f"{image_path} is {image.shape[1]}x{image.shape[0]} px (width x height); they must match"
+            )
+        loaded[name] = (image, fov)
     return loaded
 
 
@@ -212,15 +253,15 @@ def train_and_evaluate(
     info: dict[str, Any],
     progress: bool,
     init_from: str | Path | None = None,
-    unlabelled: Sequence[str] = (),
-    pseudo_from: Sequence[str] = (),
+    unlabelled: Sequence[UnlabelledImage] = (),
+    pseudo_from: Sequence[UnlabelledImage] = (),
     scored_task: Task | None = None,
 ) -> dict[str, Any]:
     """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
-    `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: cases whose images
-    (never their labels) the "area" threshold rule predicts. `pseudo_from`: cases whose images (never their
-    labels) self-training labels (segmenter.pseudo). `scored_task`: the task eval_names are cases of, when
-    not `task` (--eval-task)."""
+    `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: (image, FOV) of
+    the images, without labels, that the "area" threshold rule predicts. `pseudo_from`: (image, FOV) of the
+    images, without labels, that self-training labels (segmenter.pseudo). `scored_task`: the task
+    eval_names are cases of, when not `task` (--eval-task)."""
     import cv2
 
     from finetune.evaluate import evaluate_cases
@@ -242,7 +283,7 @@ def train_and_evaluate(
             synthetic=synthetic,
             progress=progress,
             init_from=init_from,
-            unlabelled=[(loaded[n][0], loaded[n][2]) for n in pseudo_from],  # image and FOV, no label
+            unlabelled=pseudo_from,
         )
         segmenter.save(model_dir)
     infer = cfg.segmenter.infer
@@ -251,17 +292,17 @@ def train_and_evaluate(
         from finetune.segmenter import area_threshold
 
         shots = [loaded[n] for n in train_names]
-        pool = [loaded[n] for n in unlabelled]
         started = time.perf_counter()
         shots_threshold = segmenter.threshold
         segmenter.threshold, fraction = area_threshold(
             [m for _i, m, _f in shots],
             [f for _i, _m, f in shots],
-            [segmenter.predict_proba(image) for image, _m, _f in pool],
-            [f for _i, _m, f in pool],
+            [segmenter.predict_proba(image) for image, _f in unlabelled],
+            [f for _i, f in unlabelled],
         )
         segmenter.record["threshold_source"] = (
-            f"area: the shots' vessel fraction {fraction:.4f} predicted over {len(pool)} unlabelled image(s)"
+            f"area: the shots' vessel fraction {fraction:.4f} predicted over {len(unlabelled)} unlabelled "
+            "image(s)"
         )
         segmenter.record["shots_threshold"] = shots_threshold
         segmenter.save_config(model_dir)
@@ -493,10 +534,14 @@ def run_finetune(
     progress: bool = True,
     generator_dir: str | Path | None = None,
     eval_task_path: str | Path | None = None,
+    unlabelled_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """`univg finetune` as a function (module docstring); returns the run summary. `generator_dir` (a
     pretrained generator folder, or a checkpoint folder holding generator/) is needed for univg_gen.
-    `eval_task_path`: score on that task instead (--eval-task); every training input stays task_path's."""
+    `eval_task_path`: score on that task instead (--eval-task); every training input stays task_path's.
+    `unlabelled_path`: the images (a task's non-test cases, or a folder of images) that self-training and
+    the area threshold rule read, without labels, instead of the task's labelled pool minus the shots
+    (--unlabelled); none of them may be a scored image."""
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
@@ -515,21 +560,44 @@ def run_finetune(
     )
     infer = cfg.segmenter.infer
     area_rule = infer.tune_threshold and infer.threshold_rule == "area"
-    unlabelled = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
     pseudo = cfg.segmenter.pseudo
     self_train = pseudo.enabled and bool(set(pseudo.methods) & set(cfg.methods))  # else nothing to load
-    pseudo_from = [unlabelled_cases(s, pseudo.max_images) if self_train else [] for s in splits]
-    needed = {n for s in splits for n in s.train} | {n for u in unlabelled + pseudo_from for n in u}
+    scored_names = {n for s in splits for n in s.eval}
+    external: dict[str, UnlabelledImage] = {}
+    if unlabelled_path is None:
+        area_names = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
+        pseudo_names = [unlabelled_cases(s, pseudo.max_images) if self_train else [] for s in splits]
+        unlabelled_from = None
+    else:  # the same images for every draw
+        by_name = {c.name: c for c in scored.cases}
+        unlabelled_from, external_names = read_unlabelled(
+            unlabelled_path, {by_name[n].image_path.resolve() for n in scored_names}
+        )
+        area_names = [spread(external_names, infer.area_images) if area_rule else []] * len(splits)
+        pseudo_names = [spread(external_names, pseudo.max_images) if self_train else []] * len(splits)
+    needed = {n for s in splits for n in s.train}
+    if unlabelled_path is None:
+        needed |= {n for u in area_names + pseudo_names for n in u}
     if "full" in cfg.methods:
         needed |= set(splits[0].full_train)
-    scored_names = {n for s in splits for n in s.eval}
     if scored is task:
         needed |= scored_names
     loaded = load_cases(task, needed, progress)
     loaded_scored = loaded if scored is task else load_cases(scored, scored_names, progress)
+    if unlabelled_path is not None:
+        external = load_unlabelled(
+            unlabelled_path, {n for u in area_names + pseudo_names for n in u}, progress
+        )
+
+    def without_labels(names: list[str]) -> list[UnlabelledImage]:
+        return [external[n] if unlabelled_path is not None else (loaded[n][0], loaded[n][2]) for n in names]
+
+    unlabelled = [without_labels(u) for u in area_names]
+    pseudo_from = [without_labels(u) for u in pseudo_names]
     cfg_dict = {
         "task": str(task_path),
         **({} if eval_task_path is None else {"eval_task": str(eval_task_path)}),
+        **({} if unlabelled_path is None else {"unlabelled": str(unlabelled_path)}),
         "cases": cases,
         "generator": None if generator is None else str(generator),
         **to_dict(cfg),
@@ -645,6 +713,8 @@ def run_finetune(
         if not (out / "model" / "config.json").is_file():
             shutil.copytree(source, out / "model", dirs_exist_ok=True)
         summary = _summarise(task, task_path, cfg, splits, results, time.perf_counter() - started, out)
+        summary["unlabelled_from"] = unlabelled_from  # None: the task's labelled pool minus the shots
+        summary["unlabelled_path"] = None if unlabelled_path is None else str(unlabelled_path)
         _write_report(summary, out)
         _comparison_picture(loaded_scored, splits[0], cfg, out)
         tmp = out / (SUMMARY_FILE + ".tmp")
@@ -830,8 +900,13 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         lines += [
             "",
             f"Self-training (segmenter.pseudo): {', '.join(self_trained)} also trained on pseudo-labels of "
-            f"{summary['task']}'s unlabelled images (its labelled pool minus the shots, labels never read), "
-            "which the baseline does not see; counts per draw below.",
+            + (
+                f"the images of `--unlabelled` {summary['unlabelled_from']}"
+                if summary.get("unlabelled_from")
+                else f"{summary['task']}'s unlabelled images (its labelled pool minus the shots, labels "
+                "never read)"
+            )
+            + ", which the baseline does not see; counts per draw below.",
         ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [
@@ -939,6 +1014,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score on this task's test split (or every case) instead: shots from one set tested on another",
     )
     parser.add_argument(
+        "--unlabelled",
+        default=None,
+        metavar="TASK_OR_FOLDER",
+        help="images self-training reads without labels, instead of the task's unused labelled cases: a task "
+        "(its non-test cases) or a folder of images, e.g. the --eval-task set's own train split",
+    )
+    parser.add_argument(
         "--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml (default cpu-fast)"
     )
     parser.add_argument("--config", default=None, help="a fine-tuning YAML instead of --profile")
@@ -1001,6 +1083,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         generator_dir=args.generator,
         eval_task_path=args.eval_task,
+        unlabelled_path=args.unlabelled,
     )
     scored = f", scored on {summary['eval_task']}" if summary.get("eval_task") else ""
     print(f"{summary['task']}: {summary['shots']} shot(s), {summary['num_draws']} draw(s){scored}")

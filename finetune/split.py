@@ -172,10 +172,14 @@ def unlabelled_cases(split: Split, max_cases: int) -> list[str]:
     `max_cases`, spread evenly over the pool in task order. (For a task without a test split these are the
     cases scored.)"""
     drawn = set(split.train)
-    rest = [n for n in split.full_train if n not in drawn]
-    if len(rest) <= max_cases:
-        return rest
-    return [rest[int(i)] for i in np.linspace(0, len(rest) - 1, max_cases).round()]
+    return spread([n for n in split.full_train if n not in drawn], max_cases)
+
+
+def spread(names: list[str], max_names: int) -> list[str]:
+    """At most `max_names` of `names`, spread evenly over them, in their order (all when there are fewer)."""
+    if len(names) <= max_names:
+        return list(names)
+    return [names[int(i)] for i in np.linspace(0, len(names) - 1, max_names).round()]
 
 
 def write_split(split: Split, run_dir: str | Path) -> Split:

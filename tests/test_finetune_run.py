@@ -311,6 +311,64 @@ def test_self_training_labels_the_pool_minus_the_shots_for_univg_only(task_csv: 
         tiny(["segmenter.pseudo.methods=[full]"])
 
 
+def test_unlabelled_points_self_training_and_the_area_rule_at_other_images(
+    task_csv: Path, tmp_path: Path
+) -> None:
+    from data_engine.ingest import load_case, read_task
+    from data_engine.io import read_image
+    from finetune.segmenter import Segmenter, area_threshold
+
+    by_name = {c.name: c for c in read_task(task_csv).cases}
+    # shots of the first task scored on another, self-training on the other's train split (3 cases; the
+    # first task would give 2: its train pool minus the 2 shots)
+    other = write_task(tmp_path / "other", ["train"] * 3 + ["test"] * 2, size=(56, 60), seed=9)
+    overrides = ["split.num_draws=1", "segmenter.pseudo.enabled=true", "segmenter.pseudo.max_images=8"]
+    cfg = tiny(["methods=[univg]", "segmenter.infer.threshold_rule=area", *overrides])
+    out = tmp_path / "run"
+    summary = run_finetune(task_csv, out, cfg, progress=False, eval_task_path=other, unlabelled_path=other)
+    seg = Segmenter.load(out / "draw_0" / "univg" / "model")
+    assert seg.record["pseudo_labels"]["num_images"] == 3
+    assert "over 3 unlabelled image(s)" in seg.record["threshold_source"]
+    # the area threshold again from the saved weights over the other task's train images: it is theirs
+    shots = [load_case(by_name[n]) for n in summary["draws"][0]["train"]]
+    pool = [read_image(tmp_path / "other" / "images" / f"case_{i:02d}.png") for i in range(3)]
+    t, _fraction = area_threshold(
+        [m for _i, m, _f in shots],
+        [f for _i, _m, f in shots],
+        [seg.predict_proba(i) for i in pool],
+        [None] * 3,
+    )
+    assert seg.threshold == pytest.approx(t)
+    assert summary["unlabelled_from"] == "other (3 image(s) of its train split, labels never read)"
+    assert summary["unlabelled_path"] == str(other)
+    assert "the images of `--unlabelled` other (3 image(s)" in (out / "report.md").read_text()
+    # a plain folder of images (no masks, no FOV, another size): all of them
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(5):
+        cv2.imwrite(
+            str(plain / f"scan{i}.png"), np.random.default_rng(i).integers(0, 255, (50, 52), np.uint8)
+        )
+    cfg = tiny(["methods=[baseline]", "segmenter.pseudo.methods=[baseline]", *overrides])
+    run_finetune(task_csv, tmp_path / "plain_run", cfg, progress=False, unlabelled_path=plain)
+    record = Segmenter.load(tmp_path / "plain_run" / "draw_0" / "baseline" / "model").record
+    assert record["pseudo_labels"]["num_images"] == 5
+    # images that are scored: refused before anything is written (the other task's images/ holds its test
+    # cases too)
+    with pytest.raises(ValueError, match=r"case_03, case_04 are among the images scored"):
+        run_finetune(
+            task_csv,
+            tmp_path / "leak",
+            cfg,
+            progress=False,
+            eval_task_path=other,
+            unlabelled_path=other.parent / "images",
+        )
+    assert not (tmp_path / "leak").exists()
+    with pytest.raises(FileNotFoundError, match="no such task manifest or image folder"):
+        run_finetune(task_csv, tmp_path / "none", cfg, progress=False, unlabelled_path=tmp_path / "nowhere")
+
+
 # --- bad input: a clear error, and no run folder ---
 
 

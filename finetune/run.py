@@ -112,9 +112,9 @@ def load_cases(task: Task, names: set[str], progress: bool = True) -> dict[str, 
     return loaded
 
 
-def read_unlabelled(path: str | Path, scored_images: set[Path]) -> tuple[str, list[str]]:
-    """(description, image names) of --unlabelled's images; ValueError when one of them is a scored image
-    (self-training on it would fit the model to the very images it is scored on)."""
+def read_unlabelled(path: str | Path, scored_images: set[Path]) -> tuple[str, list[tuple[str, Path]]]:
+    """(description, [(name, resolved image path)]) of --unlabelled's images; ValueError when one of them is
+    a scored image (self-training on it would fit the model to the very images it is scored on)."""
     description, images = unlabelled_images(path)
     clash = [name for name, image, _fov in images if image.resolve() in scored_images]
     if clash:
@@ -123,7 +123,7 @@ def read_unlabelled(path: str | Path, scored_images: set[Path]) -> tuple[str, li
             "among the images scored; give images the run is not scored on (a task's train split, or a "
             "folder of other images)"
         )
-    return description, [name for name, _image, _fov in images]
+    return description, [(name, image.resolve()) for name, image, _fov in images]
 
 
 def load_unlabelled(path: str | Path, names: set[str], progress: bool = True) -> dict[str, UnlabelledImage]:
@@ -541,7 +541,7 @@ def run_finetune(
     `eval_task_path`: score on that task instead (--eval-task); every training input stays task_path's.
     `unlabelled_path`: the images (a task's non-test cases, or a folder of images) that self-training and
     the area threshold rule read, without labels, instead of the task's labelled pool minus the shots
-    (--unlabelled); none of them may be a scored image."""
+    (--unlabelled); none of them may be a scored image, and a draw's own shots are left out of them."""
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
@@ -568,13 +568,19 @@ def run_finetune(
         area_names = [unlabelled_cases(s, infer.area_images) if area_rule else [] for s in splits]
         pseudo_names = [unlabelled_cases(s, pseudo.max_images) if self_train else [] for s in splits]
         unlabelled_from = None
-    else:  # the same images for every draw
+    else:  # the same images for every draw, less that draw's shots (when --unlabelled is the shot task)
         by_name = {c.name: c for c in scored.cases}
-        unlabelled_from, external_names = read_unlabelled(
+        unlabelled_from, external_images = read_unlabelled(
             unlabelled_path, {by_name[n].image_path.resolve() for n in scored_names}
         )
-        area_names = [spread(external_names, infer.area_images) if area_rule else []] * len(splits)
-        pseudo_names = [spread(external_names, pseudo.max_images) if self_train else []] * len(splits)
+        task_images = {c.name: c.image_path.resolve() for c in task.cases}
+
+        def not_shots(split: Split) -> list[str]:
+            shots = {task_images[n] for n in split.train}
+            return [name for name, image in external_images if image not in shots]
+
+        area_names = [spread(not_shots(s), infer.area_images) if area_rule else [] for s in splits]
+        pseudo_names = [spread(not_shots(s), pseudo.max_images) if self_train else [] for s in splits]
     needed = {n for s in splits for n in s.train}
     if unlabelled_path is None:
         needed |= {n for u in area_names + pseudo_names for n in u}

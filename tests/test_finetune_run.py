@@ -353,6 +353,10 @@ def test_unlabelled_points_self_training_and_the_area_rule_at_other_images(
     run_finetune(task_csv, tmp_path / "plain_run", cfg, progress=False, unlabelled_path=plain)
     record = Segmenter.load(tmp_path / "plain_run" / "draw_0" / "baseline" / "model").record
     assert record["pseudo_labels"]["num_images"] == 5
+    # the shot task itself: its 4 train cases less the draw's 2 shots, as without --unlabelled
+    run_finetune(task_csv, tmp_path / "self_run", cfg, progress=False, unlabelled_path=task_csv)
+    record = Segmenter.load(tmp_path / "self_run" / "draw_0" / "baseline" / "model").record
+    assert record["pseudo_labels"]["num_images"] == 2
     # images that are scored: refused before anything is written (the other task's images/ holds its test
     # cases too)
     with pytest.raises(ValueError, match=r"case_03, case_04 are among the images scored"):

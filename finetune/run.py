@@ -116,14 +116,15 @@ def read_unlabelled(path: str | Path, scored_images: set[Path]) -> tuple[str, li
     """(description, [(name, resolved image path)]) of --unlabelled's images; ValueError when one of them is
     a scored image (self-training on it would fit the model to the very images it is scored on)."""
     description, images = unlabelled_images(path)
-    clash = [name for name, image, _fov in images if image.resolve() in scored_images]
+    resolved = [(name, image.resolve()) for name, image, _fov in images]
+    clash = [name for name, image in resolved if image in scored_images]
     if clash:
         raise ValueError(
             f"--unlabelled {path}: image(s) {', '.join(clash[:5])}{' ...' if len(clash) > 5 else ''} are "
             "among the images scored; give images the run is not scored on (a task's train split, or a "
             "folder of other images)"
         )
-    return description, [(name, image.resolve()) for name, image, _fov in images]
+    return description, resolved
 
 
 def load_unlabelled(path: str | Path, names: set[str], progress: bool = True) -> dict[str, UnlabelledImage]:

@@ -142,6 +142,10 @@ def _image_files(folder: Path) -> dict[str, Path]:
     return by_stem
 
 
+# Unpaired files named in an error before the rest are counted (a 1,000-image set stays readable).
+_MAX_NAMED = 5
+
+
 def _read_folder(root: Path) -> Task:
     root = root.resolve()
     images_dir, masks_dir, fov_dir = root / "images", root / "masks", root / "fov"
@@ -160,9 +164,15 @@ def _read_folder(root: Path) -> Task:
     ):
         unpaired = sorted(set(files) - set(others))
         if unpaired:
-            problems.append(f"{what} in {other_dir}: {', '.join(files[s].name for s in unpaired)}")
+            names = ", ".join(files[s].name for s in unpaired[:_MAX_NAMED])
+            more = f" and {len(unpaired) - _MAX_NAMED} more" if len(unpaired) > _MAX_NAMED else ""
+            problems.append(f"{what} in {other_dir}: {names}{more}")
     if problems:
-        raise ValueError(f"{root}: files do not pair up by stem; " + "; ".join(problems))
+        raise ValueError(
+            f"{root}: files do not pair up by stem; " + "; ".join(problems) + ". Give each mask its "
+            "image's name, or list the pairs in a CSV (image,mask,fov,split; paths relative to it) and "
+            "pass that instead"
+        )
     if not images:
         raise ValueError(f"{root}: {images_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     cases = [Case(stem, images[stem], masks[stem], fovs.get(stem), "none") for stem in sorted(images)]

@@ -164,6 +164,19 @@ def test_unpaired_folder_files_are_listed(tmp_path: Path) -> None:
         read_task(tmp_path)
 
 
+def test_many_unpaired_files_are_counted_past_the_first_five(tmp_path: Path) -> None:
+    for k in range(8):
+        write_case(tmp_path, f"{k:02d}_training")
+        (tmp_path / "masks" / f"{k:02d}_training.png").rename(tmp_path / "masks" / f"{k:02d}_manual1.png")
+    with pytest.raises(ValueError) as err:
+        read_task(tmp_path)
+    message = str(err.value)
+    named = ", ".join(f"{k:02d}_training.png" for k in range(5))
+    assert f"{named} and 3 more" in message
+    assert "05_training" not in message
+    assert "list the pairs in a CSV" in message
+
+
 def test_size_mismatch_names_both_files_and_sizes(tmp_path: Path) -> None:
     write_case(tmp_path, "a")
     cv2.imwrite(str(tmp_path / "masks" / "a.png"), np.full((20, 30), 255, np.uint8))

@@ -285,6 +285,9 @@ class PseudoLabelConfig:
     max_images: int = 16  # most unlabelled images labelled, spread over the pool (count)
     methods: tuple[str, ...] = ("univg", "univg_gen")  # the methods that self-train (full has no pool)
     flip_tta: bool = False  # label with mirrored averaging (as infer.flip_tta scores), not one plain pass
+    # where the pseudo-labels are cut: "shots" at the threshold best on the shots at that moment, "area" where
+    # the vessel fraction over the unlabelled images equals the shots' labelled fraction (class-balanced)
+    threshold_rule: Literal["shots", "area"] = "shots"
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - {"univg", "univg_gen", "baseline"})
@@ -298,6 +301,8 @@ class PseudoLabelConfig:
             raise ValueError(f"pseudo.batch_fraction={self.batch_fraction} must be in (0, 1)")
         if self.max_images < 1:
             raise ValueError(f"pseudo.max_images={self.max_images} must be >= 1")
+        if self.threshold_rule not in ("shots", "area"):
+            raise ValueError(f"pseudo.threshold_rule={self.threshold_rule!r} must be 'shots' or 'area'")
 
 
 @dataclass(frozen=True)

@@ -793,6 +793,7 @@ def _summarise(
             "patch_px": cfg.segmenter.patch.patch_size_px,
             "batch": cfg.segmenter.patch.batch_size,
             "lr": optim.lr,
+            "pseudo_threshold_rule": cfg.segmenter.pseudo.threshold_rule,  # where pseudo-labels are cut
             "pretrained_start": None
             if not started
             else {
@@ -913,7 +914,12 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
                 else f"{summary['task']}'s unlabelled images (its labelled pool minus the shots, labels "
                 "never read)"
             )
-            + ", which the baseline does not see; counts per draw below.",
+            + ", which the baseline does not see; counts per draw below. The labels are cut "
+            + (
+                "where their vessel fraction equals the shots' labelled one (pseudo.threshold_rule=area)."
+                if summary["segmenter"].get("pseudo_threshold_rule") == "area"
+                else "at the threshold best on the shots at that moment."
+            ),
         ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [

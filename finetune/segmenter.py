@@ -322,6 +322,20 @@ def choose_threshold(
     return float(edges[i]), float(dice[i])
 
 
+def pooled_dice(
+    probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], fovs: Sequence[np.ndarray | None], t: float
+) -> float:
+    """Dice of (probability > t) against the labels, pixels pooled over the cases (inside each FOV)."""
+    tp = pred_pos = label_pos = 0
+    for prob, label, fov in zip(probs, labels, fovs, strict=True):
+        inside = _inside(fov, label.shape)
+        pred, truth = (prob > t) & inside, (label > 0) & inside
+        tp += int(np.count_nonzero(pred & truth))
+        pred_pos += int(np.count_nonzero(pred))
+        label_pos += int(np.count_nonzero(truth))
+    return 2 * tp / (pred_pos + label_pos) if pred_pos + label_pos else 1.0
+
+
 def area_threshold(
     labels: Sequence[np.ndarray],
     label_fovs: Sequence[np.ndarray | None],
@@ -441,14 +455,17 @@ def _pseudo_label(
     started = time.perf_counter()
     labeller = replace(cfg, infer=replace(cfg.infer, flip_tta=cfg.pseudo.flip_tta))
     probe = Segmenter(network, labeller, cfg.infer.threshold, mixed_precision=mixed)
-    threshold, shots_dice = choose_threshold(
-        [probe.predict_proba(image) for image, _m, _f in shots],
-        [mask for _i, mask, _f in shots],
-        [fov for _i, _m, fov in shots],
-    )
+    shot_probs = [probe.predict_proba(image) for image, _m, _f in shots]
+    shot_masks = [mask for _i, mask, _f in shots]
+    shot_fovs = [fov for _i, _m, fov in shots]
+    threshold, shots_dice = choose_threshold(shot_probs, shot_masks, shot_fovs)
+    probs = [probe.predict_proba(image) for image, _fov in unlabelled]
+    if cfg.pseudo.threshold_rule == "area":
+        threshold, _fraction = area_threshold(shot_masks, shot_fovs, probs, [fov for _i, fov in unlabelled])
+        shots_dice = pooled_dice(shot_probs, shot_masks, shot_fovs, threshold)
     vessel = inside_total = 0
-    for image, fov in unlabelled:
-        mask = probe.predict_proba(image) > threshold
+    for (image, fov), prob in zip(unlabelled, probs, strict=True):
+        mask = prob > threshold
         inside = _inside(fov, mask.shape)
         mask &= inside
         vessel += int(np.count_nonzero(mask))
@@ -458,6 +475,7 @@ def _pseudo_label(
     return {
         "num_images": len(unlabelled),
         "threshold": threshold,
+        "threshold_rule": cfg.pseudo.threshold_rule,
         "shots_dice": shots_dice,
         "vessel_fraction": vessel / max(1, inside_total),
         "batch_fraction": cfg.pseudo.batch_fraction,
@@ -622,11 +640,12 @@ def train_segmenter(
                 network.train()
                 if main:
                     log.info(
-                        "step %06d: pseudo-labels for %d unlabelled image(s) at threshold %.2f (the shots' "
-                        "Dice there %.4f; vessel fraction %.4f; %.0f s)",
+                        "step %06d: pseudo-labels for %d unlabelled image(s) at threshold %.2f (rule %s; the "
+                        "shots' Dice there %.4f; vessel fraction %.4f; %.0f s)",
                         step,
                         pseudo_record["num_images"],
                         pseudo_record["threshold"],
+                        pseudo_record["threshold_rule"],
                         pseudo_record["shots_dice"],
                         pseudo_record["vessel_fraction"],
                         pseudo_record["wall_s"],

@@ -302,11 +302,22 @@ def test_self_training_labels_the_pool_minus_the_shots_for_univg_only(task_csv: 
     report = (out / "report.md").read_text()
     assert "self-trained on 2 unlabelled image(s)" in report
     assert "Self-training (segmenter.pseudo): univg also trained" in report
+    assert "cut at the threshold best on the shots" in report
     # the baseline self-trains only when named
-    cfg = tiny(["methods=[baseline]", "segmenter.pseudo.enabled=true", "segmenter.pseudo.methods=[baseline]"])
+    # (and here with the labels cut at the shots' vessel fraction)
+    cfg = tiny(
+        [
+            "methods=[baseline]",
+            "segmenter.pseudo.enabled=true",
+            "segmenter.pseudo.methods=[baseline]",
+            "segmenter.pseudo.threshold_rule=area",
+        ]
+    )
     run_finetune(task_csv, tmp_path / "base", cfg, cases=["case_01", "case_03"], progress=False)
     record = Segmenter.load(tmp_path / "base" / "draw_0" / "baseline" / "model").record
     assert record["pseudo_labels"]["num_images"] == 2
+    assert record["pseudo_labels"]["threshold_rule"] == "area"
+    assert "(pseudo.threshold_rule=area)" in (tmp_path / "base" / "report.md").read_text()
     with pytest.raises(ConfigError, match="pseudo.methods: 'full' cannot self-train"):
         tiny(["segmenter.pseudo.methods=[full]"])
 

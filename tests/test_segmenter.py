@@ -349,6 +349,55 @@ def test_pseudo_labels_come_from_the_network_midway_and_join_the_batches() -> No
         PseudoLabelConfig(start_fraction=1.0)
     with pytest.raises(ValueError, match="batch_fraction"):
         PseudoLabelConfig(batch_fraction=0.0)
+    with pytest.raises(ValueError, match="threshold_rule"):
+        PseudoLabelConfig(threshold_rule="median")  # type: ignore[arg-type]
+
+
+def test_area_rule_pseudo_labels_carry_the_shots_vessel_fraction() -> None:
+    from dataclasses import replace
+
+    from finetune.config import PseudoLabelConfig
+    from finetune.segmenter import _pseudo_label, pooled_dice
+
+    shots = real_cases(2, seed=7, colour=False)
+    rng = np.random.default_rng(8)
+    fov = np.zeros((40, 46), np.uint8)
+    fov[4:36, 3:42] = 255
+    unlabelled = [(vessel_pair(rng, 40, 46, colour=False)[0], f) for f in (None, fov, None)]
+    cfg = replace(tiny_config("unet", steps=4), pseudo=PseudoLabelConfig(enabled=True, threshold_rule="area"))
+    seg = train_segmenter(cfg, shots, progress=False)
+    probs = [seg.predict_proba(image) for image, _f in unlabelled]
+    masks, fovs = [m for _i, m, _f in shots], [None, None]
+    t, fraction = area_threshold(masks, fovs, probs, [f for _i, f in unlabelled])
+    best, _ = choose_threshold([seg.predict_proba(i) for i, _m, _f in shots], masks, fovs)
+    assert t != best  # the two rules cut these pseudo-labels apart, so the check below tells them apart
+    pool = PatchPool()
+    done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool)
+    assert done["threshold"] == t and done["threshold_rule"] == "area"
+    shot_probs = [seg.predict_proba(i) for i, _m, _f in shots]
+    assert done["shots_dice"] == pytest.approx(pooled_dice(shot_probs, masks, fovs, t))
+    for k, ((_image, f), prob) in enumerate(zip(unlabelled, probs, strict=True)):
+        expected = prob > t
+        if f is not None:
+            expected &= f > 0
+        np.testing.assert_array_equal(pool._masks_HW[k], expected.astype(np.uint8))
+    # labelled where the vessel fraction over the unlabelled images (inside their FOVs) is the shots'
+    inside = np.concatenate(
+        [p.ravel() if f is None else p[f > 0] for p, (_i, f) in zip(probs, unlabelled, strict=True)]
+    )
+    assert np.mean(inside > t) == pytest.approx(fraction, abs=2 / inside.size)
+
+
+def test_pooled_dice_on_hand_made_masks() -> None:
+    from finetune.segmenter import pooled_dice
+
+    prob = np.array([[0.9, 0.2], [0.6, 0.1]], np.float32)
+    label = np.array([[1, 1], [0, 0]], np.uint8)
+    # t=0.5: predicted {(0,0), (1,0)}, label {(0,0), (0,1)}: tp 1, 2 * 1 / (2 + 2)
+    assert pooled_dice([prob], [label], [None], 0.5) == pytest.approx(0.5)
+    # pooled over two cases, the second with a FOV that hides its only false positive
+    fov = np.array([[255, 255], [0, 255]], np.uint8)
+    assert pooled_dice([prob, prob], [label, label], [None, fov], 0.5) == pytest.approx(2 * 2 / (3 + 4))
 
 
 def test_flip_tta_averages_the_mirrored_predictions() -> None:

@@ -103,7 +103,7 @@ def main() -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_build_"))
     if out.is_dir() and any(out.iterdir()):
         # a build into a folder holding this corpus keeps its shards and times nothing
-        parser.error(f"--out {out} is not empty: the benchmark times a fresh build, give a new or empty folder")
+        parser.error(f"--out {out} is not empty: the benchmark times a fresh build; give a new or empty one")
     script = os.path.relpath(Path(sys.argv[0]).resolve(), Path.cwd())
     print(f"command: python {shlex.join([script, *sys.argv[1:]])}")
     print(

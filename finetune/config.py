@@ -272,11 +272,12 @@ class InferConfig:
 class PseudoLabelConfig:
     """Self-training on the task's unlabelled images (its labelled pool minus the shots; labels never read).
 
-    After `start_fraction` of the steps, the segmenter being trained predicts those images; its masks, at
-    the threshold best on the shots at that moment, become pseudo-labels, and from then on a share of each
-    batch is cut from them. The step count is unchanged. Off by default (the cpu-fast and gpu profiles turn it
-    on); it applies to the methods in `methods`: univg and univg_gen unless told otherwise, so the baseline
-    stays the shots with standard augmentation alone.
+    After `start_fraction` of the steps, the segmenter being trained predicts those images; its masks, cut
+    by `threshold_rule` (the threshold best on the shots at that moment, or where the masks hold the shots'
+    share of vessel), become pseudo-labels, and from then on a share of each batch is cut from them. The step
+    count is unchanged. Off by default (the cpu-fast and gpu profiles turn it on); it applies to the methods
+    in `methods`: univg and univg_gen unless told otherwise, so the baseline stays the shots with standard
+    augmentation alone.
     """
 
     enabled: bool = False  # label the unlabelled images midway and train on them too

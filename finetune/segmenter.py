@@ -448,7 +448,9 @@ def _pseudo_label(
     pool: PatchPool,
 ) -> dict[str, Any]:
     """Label the unlabelled images with the network as it is now and add them to `pool`: the threshold is
-    the one best on the shots at this moment (choose_threshold), pixels outside an image's FOV are
+    the one best on the shots at this moment (choose_threshold), or with pseudo.threshold_rule "area" the one
+    at which the images' vessel fraction equals the shots' labelled fraction (area_threshold, class-balanced
+    self-training: the labels then carry the task's share of vessel); pixels outside an image's FOV are
     background. Mirrored averaging when cfg.pseudo.flip_tta, else one plain pass: infer.flip_tta, which is for
     scoring, plays no part, so a saved model re-scored with or without mirroring was trained the same way.
     Returns what was done (threshold, the shots' Dice there, vessel fraction, time)."""

@@ -1,14 +1,14 @@
 """Test-time mirroring on trained few-shot segmenters: the same saved models, scored without and with
 `infer.flip_tta` (probabilities averaged over the image and its three flips), the threshold chosen again on
-each model's own training cases for the mirrored prediction (never on test labels).
+each model's own training cases for the way it was not saved with (never on test labels).
 
     python benchmarks/bench_tta.py --runs runs/bench_fewshot --shots 5
 
 Reads run folders that benchmarks/bench_fewshot.py wrote (`<runs>/<set>/shots_<k>/draw_<d>/<method>/model`
 and `<runs>/<set>/full*/full/model`: every full-supervision seed) and the sets from ../shared/data. Prints a
 table of Dice (test split, inside the FOV) per set and method, mean over the draws, plain vs mirrored, and
-writes it to `<runs>/tta.md`. The plain column re-scores the saved model as it was, so it must equal the
-run's own summary (checked).
+writes it to `<runs>/tta.md`. The column of the way each model was saved (its `infer.flip_tta`) re-scores
+it as it was, so it must equal the run's own summary (checked).
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ from finetune.segmenter import Segmenter, choose_threshold  # noqa: E402
 
 
 def score(model_dir: Path, task: Task, train: list[str], test: list[str], cache: dict) -> dict[str, float]:
-    """Dice without and with mirroring for one saved model (mean over the test cases)."""
-    seg = Segmenter.load(model_dir)
-    mirrored = Segmenter(
-        seg.network, replace(seg.cfg, infer=replace(seg.cfg.infer, flip_tta=True)), seg.threshold, seg.record
+    """Dice without and with mirroring for one saved model (mean over the test cases). The way the model was
+    saved (its infer.flip_tta) keeps its own threshold, so its score must equal the run's; the other way gets
+    a threshold chosen again on the model's training cases."""
+    saved = Segmenter.load(model_dir)
+    was_mirrored = saved.cfg.infer.flip_tta
+    other = Segmenter(
+        saved.network,
+        replace(saved.cfg, infer=replace(saved.cfg.infer, flip_tta=not was_mirrored)),
+        saved.threshold,
+        saved.record,
     )
 
     def case(name: str):
@@ -49,23 +55,25 @@ def score(model_dir: Path, task: Task, train: list[str], test: list[str], cache:
     probs, labels, fovs = [], [], []
     for name in train:
         image, label, fov = case(name)
-        probs.append(mirrored.predict_proba(image))
+        probs.append(other.predict_proba(image))
         labels.append(label)
         fovs.append(fov)
-    mirrored.threshold, _ = choose_threshold(probs, labels, fovs)
-    plain_dice: list[float] = []
-    tta_dice: list[float] = []
+    other.threshold, _ = choose_threshold(probs, labels, fovs)
+    dice: dict[bool, list[float]] = {True: [], False: []}  # by "mirrored"
     for name in test:
         image, label, fov = case(name)
-        prob = seg.predict_proba(image)
-        plain_dice.append(float(case_metrics(prob > seg.threshold, label, fov, None)["dice"] or 0.0))
-        prob = mirrored.predict_proba(image)
-        tta_dice.append(float(case_metrics(prob > mirrored.threshold, label, fov, None)["dice"] or 0.0))
+        for seg in (saved, other):
+            prob = seg.predict_proba(image)
+            dice[seg.cfg.infer.flip_tta].append(
+                float(case_metrics(prob > seg.threshold, label, fov, None)["dice"] or 0.0)
+            )
+    plain_seg, tta_seg = (other, saved) if was_mirrored else (saved, other)
     return {
-        "plain": float(np.mean(plain_dice)),
-        "tta": float(np.mean(tta_dice)),
-        "threshold_plain": seg.threshold,
-        "threshold_tta": mirrored.threshold,
+        "saved": float(np.mean(dice[was_mirrored])),
+        "plain": float(np.mean(dice[False])),
+        "tta": float(np.mean(dice[True])),
+        "threshold_plain": plain_seg.threshold,
+        "threshold_tta": tta_seg.threshold,
     }
 
 
@@ -102,9 +110,9 @@ def main() -> int:
             summary = json.loads((folder / "eval" / "summary.json").read_text())
             test = [c["case"] for c in summary["per_case"]]
             got = score(folder / "model", task, summary["train_cases"], test, cache)
-            if abs(got["plain"] - summary["mean"]["dice"]) > 1e-6:
+            if abs(got["saved"] - summary["mean"]["dice"]) > 1e-6:
                 have = summary["mean"]["dice"]
-                raise RuntimeError(f"{folder}: plain re-score {got['plain']} != its summary's {have}")
+                raise RuntimeError(f"{folder}: re-score as saved {got['saved']} != its summary's {have}")
             results.setdefault(name, {}).setdefault(label, []).append(got)
             seconds = time.perf_counter() - started
             print(

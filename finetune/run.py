@@ -278,8 +278,13 @@ def train_and_evaluate(
         log.info("%s: segmenter loaded from %s", folder.name, model_dir)
     else:
         real = [loaded[n] for n in train_names]
+        seg_cfg = cfg.segmenter
+        if seg_cfg.pseudo.enabled and info.get("method") not in seg_cfg.pseudo.methods:
+            # a method that does not self-train by design (the baseline, full supervision): its record says
+            # so, and its log carries no "no unlabelled image" warning meant for a self-training method
+            seg_cfg = replace(seg_cfg, pseudo=replace(seg_cfg.pseudo, enabled=False))
         segmenter = train_segmenter(
-            cfg.segmenter,
+            seg_cfg,
             real,
             synthetic=synthetic,
             progress=progress,

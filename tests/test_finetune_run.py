@@ -297,6 +297,10 @@ def test_self_training_labels_the_pool_minus_the_shots_for_univg_only(task_csv: 
     assert univg["pseudo_patches"] > 0
     baseline = Segmenter.load(out / "draw_0" / "baseline" / "model").record
     assert baseline["pseudo_labels"] is None and baseline["pseudo_patches"] == 0
+    # it trained with self-training off, as its saved config says, and the log has no warning about it
+    assert Segmenter.load(out / "draw_0" / "univg" / "model").cfg.pseudo.enabled
+    assert not Segmenter.load(out / "draw_0" / "baseline" / "model").cfg.pseudo.enabled
+    assert "no unlabelled image was given" not in (out / "finetune.log").read_text()
     methods = json.loads((out / "summary.json").read_text())["methods"]
     assert methods["univg"]["pseudo_images"] == [2] and methods["baseline"]["pseudo_images"] == [0]
     report = (out / "report.md").read_text()

@@ -80,6 +80,11 @@ class _Shot:
         return (w - 1) / 2.0, (h - 1) / 2.0
 
 
+def _as_colour(image: np.ndarray) -> np.ndarray:
+    """HxW grey -> HxWx3 BGR with three equal channels; a colour image is returned as it is."""
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image
+
+
 class ShotSynthesizer:
     """Makes synthetic (image, mask, fov) samples from a task's few real shots (module docstring)."""
 
@@ -97,6 +102,11 @@ class ShotSynthesizer:
             raise ValueError(f"{len(names)} names for {len(shots)} shots")
         self.cfg = cfg
         self.modality = modality
+        if len({shot[0].ndim for shot in shots}) > 1:
+            # a task that mixes grey and colour files (one scanner's exports in two formats): the grey shots
+            # become three equal channels, as the segmenter reads a grey image anyway, so that one vessel
+            # profile is measured over every shot and any shot's background can host any shot's vessels
+            shots = [(_as_colour(image), mask, fov) for image, mask, fov in shots]
         self.shots = [self._prepare(name, *shot) for name, shot in zip(names, shots, strict=True)]
         self.graphs = [s.graph for s in self.shots]
         self.profile = composite.merge_profiles([s.profile for s in self.shots])

@@ -158,6 +158,23 @@ def test_named_cases(task_csv: Path, tmp_path: Path) -> None:
     assert summary["num_draws"] == 1 and summary["draws"][0]["train"] == ["case_01", "case_03"]
 
 
+def test_a_task_mixing_grey_and_colour_files(tmp_path: Path) -> None:
+    """One shot saved grey, the other colour (two export formats of one scanner): the synthesis reads the grey
+    one as three equal channels, so the shots share one vessel profile, and the run completes."""
+    from shards.inspect import iter_corpus
+    from shards.manifest import load_manifest
+
+    csv = write_task(tmp_path / "task", ["train"] * 3 + ["test"] * 2, size=(64, 72), colour=True)
+    colour = cv2.imread(str(tmp_path / "task" / "images" / "case_01.png"), cv2.IMREAD_COLOR)
+    cv2.imwrite(str(tmp_path / "task" / "images" / "case_01.png"), colour[:, :, 1])  # saved grey
+    out = tmp_path / "run"
+    summary = run_finetune(csv, out, tiny(["methods=[univg]"]), cases=["case_00", "case_01"], progress=False)
+    assert summary["methods"]["univg"]["num_draws"] == 1
+    synthetic = out / "draw_0" / "synthetic"
+    images = [sample.image for _key, sample, _raw in iter_corpus(synthetic, load_manifest(synthetic))]
+    assert images and all(image.ndim == 3 and image.shape[2] == 3 for image in images)
+
+
 def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: Path) -> None:
     # the other set: grey, another size, no test split (so every case is scored), names that collide
     other = write_task(tmp_path / "other", ["none"] * 3, size=(56, 60), colour=False, seed=9)

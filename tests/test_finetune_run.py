@@ -166,6 +166,7 @@ def test_a_task_mixing_grey_and_colour_files(tmp_path: Path) -> None:
 
     csv = write_task(tmp_path / "task", ["train"] * 3 + ["test"] * 2, size=(64, 72), colour=True)
     colour = cv2.imread(str(tmp_path / "task" / "images" / "case_01.png"), cv2.IMREAD_COLOR)
+    assert colour is not None
     cv2.imwrite(str(tmp_path / "task" / "images" / "case_01.png"), colour[:, :, 1])  # saved grey
     out = tmp_path / "run"
     summary = run_finetune(csv, out, tiny(["methods=[univg]"]), cases=["case_00", "case_01"], progress=False)

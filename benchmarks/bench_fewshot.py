@@ -69,6 +69,13 @@ def run_job(job: Job) -> str:
     return f"{run_dir}: {time.perf_counter() - started:.0f} s"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a `taskset` binding counts), else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def run_jobs(run: Callable[[Any], str], jobs: Sequence[Any], num_jobs: int) -> None:
     """Run every job, `num_jobs` at once (each in a fresh spawned process, so threads and state stay its
     own), printing the line each returns as it finishes."""
@@ -258,7 +265,7 @@ def main() -> int:
         sets = [n for n in args.sets.split(",") if (DATA / n / "pairs.csv").is_file()]
         for n in sorted(set(args.sets.split(",")) - set(sets)):
             print(f"skipped {n}: no {DATA / n / 'pairs.csv'}")
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = max(1, usable_cores() // args.jobs)
         shot_counts = [int(k) for k in args.shots.split(",") if k.strip()]
         common = (args.draws, args.profile, str(args.out), args.overrides, threads, args.methods)
         # full supervision first, then the shot counts in the order given (most wanted first)

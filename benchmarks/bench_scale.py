@@ -14,7 +14,8 @@ FOV. `--start` adds a pretrained segmenter alone (its own threshold, no shot). T
 undone for the network (and then reads like a smaller factor).
 
 Prints one line per model and scale and a table (mean Dice over the draws per set, method and scale), and
-writes `<runs>/scale.md`, `<runs>/scale.json` and `<runs>/scale.png` (Dice against the scale factor).
+writes `<runs>/scale.md`, `<runs>/scale.json` and `<runs>/scale.png` (Dice against the scale factor); a set
+scored by an earlier run into the same folder at the same factors stays in them unless `--sets` names it.
 Labels are read for scoring only; nothing is chosen on them.
 """
 
@@ -160,6 +161,11 @@ def main() -> int:
     results: dict = {}
     for (name, label, folder, _s), dice in zip(jobs, done, strict=True):
         results.setdefault(name, {}).setdefault(label, []).append({"model": str(folder), "dice": dice})
+    saved = args.runs / "scale.json"
+    if saved.is_file():  # sets an earlier run scored at the same factors stay (re-scored ones replaced)
+        earlier = json.loads(saved.read_text())
+        if earlier.get("scales") == scales:
+            results = {**{k: v for k, v in earlier["results"].items() if k not in results}, **results}
     header = "| set | model | n | " + " | ".join(f"x{s:g}" for s in scales) + " |"
     lines = [header, "|" + "---|" * (3 + len(scales))]
     for name, by_label in results.items():

@@ -56,10 +56,14 @@ def segment_folder(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    scale: float = 1.0,
 ) -> list[Path]:
-    """Segment every image; returns the mask files written."""
+    """Segment every image; returns the mask files written. `scale` resizes each image for the network
+    (Segmenter.predict_proba); masks come back at the image's own size."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold {threshold} must be in (0, 1)")
+    if not scale > 0:
+        raise ValueError(f"--scale {scale} must be > 0")
     paths = list_images(images)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{p.stem}.png" for p in paths]
@@ -88,7 +92,7 @@ def segment_folder(
     written = []
     for path in tqdm(paths, desc="segment", unit="image", disable=not progress, dynamic_ncols=True):
         image = read_image(path)
-        prob_HW = segmenter.predict_proba(image)
+        prob_HW = segmenter.predict_proba(image, scale)
         mask_HW = np.where(prob_HW > cut, np.uint8(255), np.uint8(0))
         target = out_dir / f"{path.stem}.png"
         if not cv2.imwrite(str(target), mask_HW):
@@ -110,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for <stem>.png masks")
     parser.add_argument("--probabilities", action="store_true", help="also write probabilities/<stem>.png")
     parser.add_argument("--threshold", type=float, default=None, help="override the model's tuned threshold")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="resize each image by this factor for the network, masks at the image's own size: the shots' "
+        "pixel size over these images' (0.5 for images of twice the shots' resolution)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -126,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        scale=args.scale,
     )
     extra = f" and {PROBABILITY_DIR}/" if args.probabilities else ""
     print(f"wrote {len(written)} mask(s){extra} to {args.out}")

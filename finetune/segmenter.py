@@ -161,8 +161,18 @@ class Segmenter:
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
 
-    def predict_proba(self, image: np.ndarray) -> np.ndarray:
-        """uint8 HxW grey or HxWx3 BGR -> float32 HxW vessel probability (sliding window at full size)."""
+    def predict_proba(self, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """uint8 HxW grey or HxWx3 BGR -> float32 HxW vessel probability (sliding window at full size).
+
+        `scale` resizes the image for the network first (the input cap applies after it) and the probability
+        comes back at the image's own size: for images whose vessels are wider or thinner in pixels than the
+        training shots' (another resolution), scale = the shots' pixel size over the image's."""
+        if not scale > 0:
+            raise ValueError(f"scale={scale} must be > 0")
+        original_hw = image.shape[:2]
+        if scale != 1.0:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         input_3HW = prepare_image(image, self.cfg.input.max_side_px)
         x_13HW = torch.from_numpy(input_3HW)[None].to(self.device)
         window = self.cfg.window_size_px
@@ -197,8 +207,8 @@ class Segmenter:
                 prob_11HW += torch.flip(prob, dims) if dims else prob
             prob_11HW /= len(flips)
         prob_HW = prob_11HW[0, 0].cpu().numpy()
-        if prob_HW.shape != image.shape[:2]:
-            prob_HW = cv2.resize(prob_HW, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        if prob_HW.shape != original_hw:
+            prob_HW = cv2.resize(prob_HW, (original_hw[1], original_hw[0]), interpolation=cv2.INTER_LINEAR)
         return np.clip(prob_HW, 0.0, 1.0).astype(np.float32)
 
     def predict(self, image: np.ndarray) -> np.ndarray:

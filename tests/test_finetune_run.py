@@ -505,6 +505,33 @@ def test_cli_end_to_end_then_segment_and_evaluate(task_csv: Path, tmp_path: Path
     assert scored["mean"]["dice"] == pytest.approx(in_run["mean"]["dice"], abs=1e-6)
 
 
+def test_segment_at_another_scale(finished_run: Path, task_csv: Path, tmp_path: Path) -> None:
+    """--scale resizes each image for the network; masks and probabilities come back at its own size."""
+    from data_engine.io import read_image
+    from finetune.segment import segment_folder
+    from finetune.segmenter import Segmenter
+
+    images = task_csv.parent / "images"
+    written = segment_folder(
+        finished_run, images, tmp_path / "half", probabilities=True, progress=False, scale=0.5
+    )
+    seg = Segmenter.load(finished_run / "model")
+    for mask_path in written:
+        image = read_image(images / mask_path.name)
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        assert mask is not None and mask.shape == image.shape[:2]
+        # the contract: the network sees the image at half size, the probability is resized back
+        half = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        expected = cv2.resize(seg.predict_proba(half), (image.shape[1], image.shape[0]))
+        got = seg.predict_proba(image, scale=0.5)
+        assert np.array_equal(got, np.clip(expected, 0, 1))
+        assert np.array_equal(mask > 0, got > seg.threshold)
+        prob = cv2.imread(str(tmp_path / "half" / "probabilities" / mask_path.name), cv2.IMREAD_GRAYSCALE)
+        assert prob is not None and np.array_equal(prob, np.rint(got * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="--scale 0.0 must be > 0"):
+        segment_folder(finished_run, images, tmp_path / "zero", progress=False, scale=0.0)
+
+
 @pytest.mark.skipif(not (DATA / "OCTA500_3M" / "pairs.csv").is_file(), reason=f"no real data in {DATA}")
 def test_tiny_finetune_on_real_images(tmp_path: Path) -> None:
     """Real OCTA and X-ray images (bright and dark vessels, 300 px): the whole run at toy size."""

@@ -5,7 +5,9 @@
 Writes `<out>/<image stem>.png`, a lossless uint8 mask (vessel 255, background 0) at the model's threshold
 (the one tuned on its training shots, unless --threshold is given), and with --probabilities also
 `<out>/probabilities/<image stem>.png`, the vessel probability times 255. `univg evaluate --pred <out>`
-reads both. Images: every file in --images with an image suffix (not recursive), or one image file.
+reads both. `--scale F` resizes each image by F for the network (masks come back at its own size): for images
+of another resolution than the shots', F = the shots' pixel size over theirs. Images: every file in --images
+with an image suffix (not recursive), or one image file.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +38,7 @@ DATA = ROOT.parent / "shared" / "data"
 from data_engine.ingest import load_case, read_task  # noqa: E402
 from finetune.metrics import case_metrics  # noqa: E402
 from finetune.run import machine_line, machine_record  # noqa: E402
+from finetune.sampler import prepare_mask, resize_by  # noqa: E402
 from finetune.segmenter import Segmenter  # noqa: E402
 
 
@@ -48,19 +48,9 @@ def resized(
     """The case as a camera with `factor` times the pixels per millimetre would have taken it."""
     if factor == 1.0:
         return image, label, fov
-    h, w = label.shape
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    interpolation = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_CUBIC
-
-    def binary(mask: np.ndarray) -> np.ndarray:
-        area = cv2.resize((mask > 0).astype(np.float32), size, interpolation=cv2.INTER_AREA)
-        return np.where(area >= 0.5, 255, 0).astype(np.uint8)
-
-    return (
-        cv2.resize(image, size, interpolation=interpolation),
-        binary(label),
-        None if fov is None else binary(fov),
-    )
+    out = resize_by(image, factor)
+    h, w = out.shape[:2]
+    return out, prepare_mask(label, h, w) * 255, None if fov is None else prepare_mask(fov, h, w) * 255
 
 
 def models(runs: Path, name: str, shots: list[str], methods: list[str]) -> list[tuple[str, Path]]:

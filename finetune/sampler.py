@@ -42,6 +42,14 @@ def input_size(height_px: int, width_px: int, max_side_px: int) -> tuple[int, in
     return max(1, round(height_px * scale)), max(1, round(width_px * scale))
 
 
+def resize_by(image: np.ndarray, factor: float) -> np.ndarray:
+    """The image resized by `factor` on both sides (area interpolation down, cubic up); 1 returns it as is."""
+    if factor == 1.0:
+        return image
+    size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1.0 else cv2.INTER_CUBIC)
+
+
 def prepare_image(image: np.ndarray, max_side_px: int = 0) -> np.ndarray:
     """uint8 HxW grey or HxWx3 BGR (as `data_engine.io.read_image` gives) -> float32 3xH'xW' network input.
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune.config import LossConfig, NetConfig, SegmenterConfig
-from finetune.sampler import PatchPool, prepare_image, prepare_mask
+from finetune.sampler import PatchPool, prepare_image, prepare_mask, resize_by
 from univg.config import ConfigError, config_from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,7 @@ class Segmenter:
         if not scale > 0:
             raise ValueError(f"scale={scale} must be > 0")
         original_hw = image.shape[:2]
-        if scale != 1.0:
-            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-        input_3HW = prepare_image(image, self.cfg.input.max_side_px)
+        input_3HW = prepare_image(resize_by(image, scale), self.cfg.input.max_side_px)
         x_13HW = torch.from_numpy(input_3HW)[None].to(self.device)
         window = self.cfg.window_size_px
         self.network.eval()
@@ -470,11 +467,12 @@ def _pseudo_label(
     shot_probs = [probe.predict_proba(image) for image, _m, _f in shots]
     shot_masks = [mask for _i, mask, _f in shots]
     shot_fovs = [fov for _i, _m, fov in shots]
-    threshold, shots_dice = choose_threshold(shot_probs, shot_masks, shot_fovs)
     probs = [probe.predict_proba(image) for image, _fov in unlabelled]
     if cfg.pseudo.threshold_rule == "area":
         threshold, _fraction = area_threshold(shot_masks, shot_fovs, probs, [fov for _i, fov in unlabelled])
         shots_dice = pooled_dice(shot_probs, shot_masks, shot_fovs, threshold)
+    else:
+        threshold, shots_dice = choose_threshold(shot_probs, shot_masks, shot_fovs)
     vessel = inside_total = 0
     for (image, fov), prob in zip(unlabelled, probs, strict=True):
         mask = prob > threshold

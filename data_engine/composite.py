@@ -499,7 +499,8 @@ def measure_profile(
     for i in np.unique(rb).tolist():
         centre[i] = float(np.median(r_N[rb == i]))
     core = t_N < 0.5
-    polarity = 1 if float(c_add[core].mean()) > 0 else -1
+    # the vessels' centres, or (a graph whose radii overshoot the mask leaves none) every vessel pixel
+    polarity = 1 if float(c_add[core if core.any() else on_vessel].mean()) > 0 else -1
     blur = _edge_blur_px(table_add.mean(2), count_RT, centre, _T_STEP)
     # Grain inside vessels beyond what drawing onto this background already brings: the high-pass
     # variance of the real vessel cores minus that of the noiseless prediction there (which holds the

@@ -55,6 +55,13 @@ _CAP_VERTICES = 4
 _DOT_SPAN_PX = 3
 # Vertices of the polygons drawn for dots (unit circle).
 _DISC_C = np.exp(2j * np.pi * np.arange(8) / 8)
+# Vessels at least this wide (radius, px, by the distance transform at the skeleton) take their centreline
+# and radius from the skeleton and the distance transform: past ~10 px the area/length estimate and the
+# centroid refinement, which suit thin vessels, follow the shape's outline more than its axis.
+_FAT_RADIUS_PX = 10.0
+# Dots at least this wide (radius, px) are drawn as many-sided polygons of their area (_round_disc): an
+# 8-gon is a visible octagon, 10 % short of the disc's area, by a lumen 40 px across.
+_ROUND_DOT_PX = 4.0
 # Half-width (points) of the window along a centreline over which area/length radii are averaged.
 _RADIUS_WINDOW = 3
 
@@ -804,8 +811,10 @@ def render_mask(
 
     Segments thinner than 0.7 px radius everywhere are 1-px lines (all in one OpenCV call); thicker ones
     are filled outlines (offset curves with round caps) at 1/16 px precision, one fill each, thinnest
-    first so a thick vessel's radius wins where vessels overlap. Isolated dots are filled discs. Pass
-    radius_px (HxW float32) to draw over an existing radius map (it is drawn into and returned).
+    first so a thick vessel's radius wins where vessels overlap. A vessel wider than _FAT_RADIUS_PX whose
+    outline would fold over itself is filled as convex pieces instead (discs along it, trapezoids between).
+    Isolated dots are filled discs. Pass radius_px (HxW float32) to draw over an existing radius map (it is
+    drawn into and returned).
     """
     h, w = int(shape[0]), int(shape[1])
     if radius_px is None:
@@ -836,7 +845,7 @@ def render_mask(
         )
 
     # Filled shapes, thinnest first: outlines of thick segments and discs of dots.
-    shapes: list[np.ndarray] = []
+    shapes: list[np.ndarray | list[np.ndarray]] = []
     shape_r: list[np.ndarray] = []
     if thick.any():
         polys, seg_r = _outlines(pts_c, r, off, np.nonzero(thick)[0])
@@ -850,14 +859,29 @@ def render_mask(
         # polygon of almost no size, which fills its one pixel.
         rr = np.maximum(dot_r.astype(np.float64) - _FILL_GROWTH_PX, 0.05)
         discs = _fixed_c(dot_c[:, None] + rr[:, None] * _DISC_C[None, :])
-        shapes.extend(list(discs))
+        shapes.extend(
+            disc if r_k < _ROUND_DOT_PX else _round_disc(c_k, rr_k)
+            for disc, r_k, c_k, rr_k in zip(discs, dot_r.tolist(), dot_c.tolist(), rr.tolist(), strict=True)
+        )
         shape_r.append(dot_r.astype(np.float64))
     all_r = np.concatenate(shape_r) if shape_r else np.zeros(0)
     order = np.argsort(all_r, kind="stable")
     values = all_r[order].tolist()
     for k, v in zip(order.tolist(), values, strict=True):
-        cv2.fillPoly(radius_img, [shapes[k]], v, cv2.LINE_8, _SHIFT)
+        piece = shapes[k]
+        if isinstance(piece, list):  # a folded vessel's convex pieces (_swept_pieces), one fill each
+            for convex in piece:
+                cv2.fillConvexPoly(radius_img, convex, v, cv2.LINE_8, _SHIFT)
+        else:
+            cv2.fillPoly(radius_img, [piece], v, cv2.LINE_8, _SHIFT)
     return vessel_mask(radius_img), radius_img
+
+
+def _round_disc(centre: complex, radius: float) -> np.ndarray:
+    """A wide dot's polygon: enough vertices to stay within ~0.25 px of the circle, with its area."""
+    n = 4 * math.ceil(math.pi * math.sqrt(2.0 * radius) / 4)
+    area_gain = math.sqrt(math.pi / (0.5 * n * math.sin(2.0 * math.pi / n)))
+    return _fixed_c(centre + radius * area_gain * np.exp(2j * np.pi * np.arange(n) / n))
 
 
 def vessel_mask(radius_px: np.ndarray) -> np.ndarray:
@@ -875,8 +899,9 @@ def _fixed_c(z: np.ndarray) -> np.ndarray:
 
 def _outlines(
     pts_c: np.ndarray, r: np.ndarray, off: np.ndarray, segs: np.ndarray
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Closed outlines (fixed-point int32 polygons) of the given segments and their mean radii.
+) -> tuple[list[np.ndarray | list[np.ndarray]], np.ndarray]:
+    """Closed outlines (fixed-point int32 polygons; a wide segment whose outline folds: a list of convex
+    pieces, _swept_pieces) of the given segments and their mean radii.
 
     Per outline: the left offset curve forward, a half-disc around the end, the right offset curve
     backward, a half-disc around the start. Complex arithmetic: the normal is i * tangent.
@@ -924,9 +949,36 @@ def _outlines(
     )
     verts = _fixed_c(source[gather])
     bounds = np.concatenate([[0], v_end]).tolist()
-    polys = [verts[bounds[i] : bounds[i + 1]] for i in range(n_seg)]
+    polys: list[np.ndarray | list[np.ndarray]] = [verts[bounds[i] : bounds[i + 1]] for i in range(n_seg)]
+    # An offset curve that steps backward against its centreline folds over itself: the vessel is wider
+    # than its centreline's radius of curvature (a lumen tens of px wide on a jittery skeleton), and the
+    # outline would fill with holes and spikes. Such segments are drawn as convex pieces instead.
+    step = np.diff(p)
+    inner = np.diff(seg_of) == 0
+    backward = inner & (
+        ((np.conj(np.diff(p + side)) * step).real < 0) | ((np.conj(np.diff(p - side)) * step).real < 0)
+    )
+    for k in np.unique(seg_of[:-1][backward]).tolist():
+        if rr[first[k] : last[k] + 1].max() >= _FAT_RADIUS_PX:
+            polys[k] = _swept_pieces(p[first[k] : last[k] + 1], rr[first[k] : last[k] + 1])
     seg_r = np.add.reduceat(r_seg, first) / counts
     return polys, seg_r
+
+
+def _swept_pieces(p: np.ndarray, rr: np.ndarray) -> list[np.ndarray]:
+    """One vessel as convex pieces whose union is the disc swept along its centreline: a disc at every
+    point and, between consecutive points, the trapezoid their discs span across the step."""
+    pieces = [
+        _round_disc(complex(c), float(r)) if r >= _ROUND_DOT_PX else _fixed_c(c + r * _DISC_C)
+        for c, r in zip(p.tolist(), rr.tolist(), strict=True)
+    ]
+    step = np.diff(p)
+    length = np.abs(step)
+    normal = 1j * step / np.maximum(length, 1e-9)
+    side0, side1 = normal * rr[:-1], normal * rr[1:]
+    quads = np.stack([p[:-1] + side0, p[1:] + side1, p[1:] - side1, p[:-1] - side0], axis=1)
+    pieces.extend(_fixed_c(quads[length > 1e-6]))
+    return pieces
 
 
 # --- decomposition --------------------------------------------------------------------------------------
@@ -951,7 +1003,9 @@ def decompose(mask: np.ndarray) -> VesselGraph:
     skeleton -> junction clusters, end points, dots and loops as nodes -> centreline paths traced between
     them -> skeleton spurs that lie inside their parent vessel removed, pass-through nodes merged ->
     sub-pixel centreline (centroid of the mask pixels nearest each skeleton pixel) and radius (mask
-    area per centreline length, averaged over a few pixels; sqrt(area / pi) for dots).
+    area per centreline length, averaged over a few pixels; sqrt(area / pi) for dots). Vessels wider than
+    _FAT_RADIUS_PX keep the skeleton pixel and the distance transform there (the medial axis), and round
+    blobs (a skeleton shorter than their inscribed radius: a lumen cut across) become dots.
     """
     binary = binarize(mask)
     if not binary.any():
@@ -962,9 +1016,16 @@ def decompose(mask: np.ndarray) -> VesselGraph:
     num_cc, cc, stats, centroids = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=8)
     has = np.zeros(num_cc, bool)
     has[cc[skel]] = True
+    edt = cv2.distanceTransform(binary.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     # Blobs at most _DOT_SPAN_PX across become dots: one skeleton pixel (nearest their centroid), so they
-    # are kept as one-point segments with the radius of their area.
+    # are kept as one-point segments with the radius of their area. So do round blobs, whose skeleton is
+    # shorter than their inscribed radius (a vessel cut across: a lumen in ultrasound or a CT slice); a
+    # path of 2-3 pixels would draw them as a polygon about a centreline that is not there.
     tiny = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) <= _DOT_SPAN_PX
+    skel_px = np.bincount(cc[skel], minlength=num_cc)
+    inscribed = np.zeros(num_cc, np.float64)
+    np.maximum.at(inscribed, cc[binary], edt[binary])
+    tiny |= skel_px < inscribed
     tiny[0] = False
     missing = np.nonzero((~has | tiny)[1:])[0] + 1
     if len(missing):
@@ -988,7 +1049,6 @@ def decompose(mask: np.ndarray) -> VesselGraph:
         nb[shared, k] = -1
     degree = (nb >= 0).sum(axis=1)
 
-    edt = cv2.distanceTransform(binary.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     edt_p = edt[ys, xs].astype(np.float64)
 
     # Nodes: clusters of junction pixels, end pixels, isolated pixels.
@@ -1182,7 +1242,10 @@ def _paths_to_graph(
     # Interior points: centroid of their mask pixels; loop anchors too (their node sits on the path).
     body = ~is_end | (node_of[pix] < 0)
     raw = np.stack([xs[pix], ys[pix]], 1).astype(np.float64)
-    pos = np.where(body[:, None], np.stack([cx[pix], cy[pix]], 1), raw)
+    # Where the vessel is wide (_FAT_RADIUS_PX), the skeleton pixel is the centre: the mask pixels nearest
+    # to it form a long strip across the vessel whose centroid wanders sideways by several px.
+    fat = edt_p[pix] >= _FAT_RADIUS_PX
+    pos = np.where((body & ~fat)[:, None], np.stack([cx[pix], cy[pix]], 1), raw)
     # Light smoothing of interior points along the path removes the skeleton's staircase.
     i = np.arange(len(pix))
     lo = np.maximum(i - 1, first[seg_of])
@@ -1219,8 +1282,11 @@ def _paths_to_graph(
     sum_l = cl[hi + 1] - cl[lo]
     with np.errstate(invalid="ignore", divide="ignore"):
         radius = np.where(sum_l > 0, 0.5 * sum_a / np.maximum(sum_l, 1e-9), np.nan)
-    # Paths without interior votes (direct node-to-node links): from the distance transform.
-    radius = np.where(np.isnan(radius), np.maximum(edt_p[pix] - 0.5, 0.5), radius)
+    # Paths without interior votes (direct node-to-node links), and wide vessels: from the distance
+    # transform (the medial-axis radius). A wide vessel's area per length is right for a tube but not where
+    # the width changes within a few radii (a lumen cut across at an angle: an ellipse); the discs of the
+    # medial axis redraw any shape.
+    radius = np.where(np.isnan(radius) | fat, np.maximum(edt_p[pix] - 0.5, 0.5), radius)
     # Dots: the disc with the blob's area.
     dots = counts == 1
     radius[first[dots]] = np.sqrt(area[pix[first[dots]]] / np.pi)

@@ -108,6 +108,33 @@ def test_bright_vessels_are_measured_and_drawn_bright() -> None:
     assert (composite[new].astype(np.float64) - background[new]).mean() > 50
 
 
+@pytest.mark.parametrize("axes_px", [(22, 22), (30, 18)])
+def test_a_lumen_cut_across_is_measured_and_drawn(axes_px: tuple[int, int]) -> None:
+    """One wide, dark lumen (an artery across an ultrasound frame) is measured dark and drawn dark elsewhere:
+    before wide vessels took the medial-axis radius, its graph's radii overshot the mask, no pixel was a
+    vessel centre and the profile's polarity and the drawn image came out NaN."""
+    rng = np.random.default_rng(0)
+    h, w = 160, 200
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    background = 110 + 40 * np.sin(yy / 25) + rng.normal(0, 6, (h, w))
+    mask = np.zeros((h, w), np.uint8)
+    cv2.ellipse(mask, (60, 80), axes_px, 25, 0, 360, 255, -1)
+    soft = cv2.GaussianBlur(mask.astype(np.float64) / 255, (0, 0), 1.0)
+    image = np.clip(np.rint(background * (1 - 0.9 * soft)), 0, 255).astype(np.uint8)
+    removed = remove_vessels(image, mask)
+    profile = measure_profile(image, mask, background=removed)
+    assert profile.polarity == -1
+    assert np.isfinite(profile.contrast_log_RTC).all() and np.isfinite(profile.contrast_add_RTC).all()
+    new_mask = np.zeros((h, w), np.uint8)
+    cv2.ellipse(new_mask, (145, 85), axes_px, -40, 0, 360, 255, -1)
+    new_mask, new_radius = render_mask(decompose(new_mask), (h, w))
+    drawn = draw_vessels(removed, new_mask, new_radius, profile, np.random.default_rng(1))
+    lumen = (new_mask > 0) & ~_near_vessels(mask, 3)
+    assert (drawn[lumen].astype(np.float64) - removed[lumen]).mean() < -50
+    far = ~_near_vessels(new_mask, 2 * max(axes_px) + 2)
+    assert np.array_equal(drawn[far], removed[far])
+
+
 def test_colour_profiles_round_trip_through_json_and_merge() -> None:
     _, grey, mask = _scene(contrast=0.4)
     # A BGR image whose blue channel has half the vessel contrast of the green.

@@ -57,3 +57,33 @@ def write_task(
     csv = root / "pairs.csv"
     csv.write_text("\n".join(rows) + "\n")
     return csv
+
+
+def write_lumen_task(
+    root: Path, splits: list[str], size: tuple[int, int] = (120, 140), seed: int = 0
+) -> Path:
+    """A task of one wide, dark, near-round lumen per image on a speckled background (a vessel cut across,
+    as ultrasound shows a carotid), named `lumen_<i>`; returns the manifest CSV path."""
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    h, w = size
+    rows = ["image,mask,fov,split"]
+    for i, split in enumerate(splits):
+        mask = np.zeros(size, np.uint8)
+        radius = int(rng.integers(14, 25))
+        centre = (
+            int(rng.integers(radius + 4, w - radius - 4)),
+            int(rng.integers(radius + 4, h - radius - 4)),
+        )
+        axes = (radius, int(radius * rng.uniform(0.8, 1.0)))
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
+        speckle = cv2.GaussianBlur(rng.rayleigh(1.0, size).astype(np.float32), (0, 0), 1.0)
+        lumen = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), 1.0)
+        image = np.clip(120 * speckle * (1 - 0.85 * lumen), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / "images" / f"lumen_{i:02d}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"lumen_{i:02d}.png"), mask)
+        rows.append(f"images/lumen_{i:02d}.png,masks/lumen_{i:02d}.png,,{split}")
+    csv = root / "pairs.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from finetune_testdata import DATA, write_task
+from finetune_testdata import DATA, write_lumen_task, write_task
 
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.run import run_finetune
@@ -174,6 +174,38 @@ def test_a_task_mixing_grey_and_colour_files(tmp_path: Path) -> None:
     synthetic = out / "draw_0" / "synthetic"
     images = [sample.image for _key, sample, _raw in iter_corpus(synthetic, load_manifest(synthetic))]
     assert images and all(image.ndim == 3 and image.shape[2] == 3 for image in images)
+
+
+def test_a_task_of_one_wide_lumen_per_image(tmp_path: Path) -> None:
+    """Shots of one near-round lumen 30-50 px across each (ultrasound's carotid, not a vessel tree): the
+    synthetic masks stay blobs of the shots' size, drawn dark into a background that keeps its level. Before
+    wide vessels took the medial-axis radius, lumens came back up to 4.3x the largest shot's area."""
+    from shards.inspect import iter_corpus
+    from shards.manifest import load_manifest
+
+    csv = write_lumen_task(tmp_path / "task", ["train"] * 5 + ["test"] * 2)
+    out = tmp_path / "run"
+    summary = run_finetune(
+        csv, out, tiny(["methods=[univg]", "split.num_draws=1", "split.shots=3"]), progress=False
+    )
+    assert summary["methods"]["univg"]["num_draws"] == 1
+    shot_areas = []
+    for name in json.loads((out / "draw_0" / "split.json").read_text())["train"]:
+        shot = cv2.imread(str(tmp_path / "task" / "masks" / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
+        assert shot is not None
+        shot_areas.append(np.count_nonzero(shot))
+    synthetic = out / "draw_0" / "synthetic"
+    samples = [sample for _key, sample, _raw in iter_corpus(synthetic, load_manifest(synthetic))]
+    assert len(samples) >= 8
+    for sample in samples:
+        # grafting may place several lumens; each is one shot's, at most 1.2x its size (1.44x its area)
+        num, _labels, stats, _ = cv2.connectedComponentsWithStats(sample.mask)
+        assert num > 1 and stats[1:, cv2.CC_STAT_AREA].max() <= 1.6 * max(shot_areas), sample.meta["index"]
+        lumen = sample.image[cv2.erode(sample.mask, np.ones((5, 5), np.uint8)) > 0].astype(np.float64)
+        far = sample.image[cv2.dilate(sample.mask, np.ones((21, 21), np.uint8)) == 0].astype(np.float64)
+        assert far.size and far.mean() > 60, sample.meta["index"]  # the background keeps its level
+        if lumen.size:
+            assert lumen.mean() < 0.6 * far.mean(), sample.meta["index"]  # and the lumen is dark
 
 
 def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: Path) -> None:

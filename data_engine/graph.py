@@ -1244,7 +1244,10 @@ def _paths_to_graph(
     raw = np.stack([xs[pix], ys[pix]], 1).astype(np.float64)
     # Where the vessel is wide (_FAT_RADIUS_PX), the skeleton pixel is the centre: the mask pixels nearest
     # to it form a long strip across the vessel whose centroid wanders sideways by several px.
-    fat = edt_p[pix] >= _FAT_RADIUS_PX
+    # OpenCV's precise distance transform can differ in the last float bit between calls; its values are
+    # square roots of whole squared pixel distances, so those are recovered exactly and re-rooted.
+    edt_exact = np.sqrt(np.rint(edt_p[pix] ** 2))
+    fat = edt_exact >= _FAT_RADIUS_PX
     pos = np.where((body & ~fat)[:, None], np.stack([cx[pix], cy[pix]], 1), raw)
     # Light smoothing of interior points along the path removes the skeleton's staircase.
     i = np.arange(len(pix))
@@ -1286,7 +1289,8 @@ def _paths_to_graph(
     # transform (the medial-axis radius). A wide vessel's area per length is right for a tube but not where
     # the width changes within a few radii (a lumen cut across at an angle: an ellipse); the discs of the
     # medial axis redraw any shape.
-    radius = np.where(np.isnan(radius) | fat, np.maximum(edt_p[pix] - 0.5, 0.5), radius)
+    radius = np.where(np.isnan(radius), np.maximum(edt_p[pix] - 0.5, 0.5), radius)
+    radius = np.where(fat, edt_exact - 0.5, radius)
     # Dots: the disc with the blob's area.
     dots = counts == 1
     radius[first[dots]] = np.sqrt(area[pix[first[dots]]] / np.pi)

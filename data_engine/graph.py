@@ -1025,7 +1025,8 @@ def decompose(mask: np.ndarray) -> VesselGraph:
     skel_px = np.bincount(cc[skel], minlength=num_cc)
     inscribed = np.zeros(num_cc, np.float64)
     np.maximum.at(inscribed, cc[binary], edt[binary])
-    tiny |= skel_px < inscribed
+    # exact, as the distance transform's last bit can differ between calls (see _paths_to_graph)
+    tiny |= skel_px < np.sqrt(np.rint(inscribed**2))
     tiny[0] = False
     missing = np.nonzero((~has | tiny)[1:])[0] + 1
     if len(missing):

@@ -5,12 +5,14 @@
     univg finetune ... --resume auto          # continue an interrupted run: finished stages are kept
     univg finetune --task set_a/pairs.csv --eval-task set_b/pairs.csv ...   # shots of A, scored on B
     univg finetune ... --unlabelled set_b/pairs.csv   # self-training on B's non-test images, labels unread
+    univg finetune ... --eval-task set_b/pairs.csv --eval-scale 0.5   # B at twice A's resolution
 
 For each of `split.num_draws` draws of the shots (draw d: seed + d): split -> synthesis from the shots
 (data engine, CPU; shards + preview) -> segmenter on shots + synthetic pairs (`univg`) and on the shots
 alone (`baseline`) -> evaluation on the task's test split (or on another task's, `--eval-task`: shots
 from one set tested on another; everything labelled comes from the first task; `--unlabelled` points
-self-training at other images, without their labels, such as the second set's train split). Full
+self-training at other images, without their labels, such as the second set's train split; `--eval-scale`
+resizes the scored images for the network when their pixel size differs from the shots'). Full
 supervision (`full`: every label of the pool) is trained once. Every method uses the same segmenter
 config and step budget. Then `summary.json` (per method: per draw and mean/std over draws; per case in
 each evaluation folder), `report.md` and `comparison.png` (a few test cases: image | label | each
@@ -257,12 +259,14 @@ def train_and_evaluate(
     unlabelled: Sequence[UnlabelledImage] = (),
     pseudo_from: Sequence[UnlabelledImage] = (),
     scored_task: Task | None = None,
+    eval_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
     `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: (image, FOV) of
     the images, without labels, that the "area" threshold rule predicts. `pseudo_from`: (image, FOV) of the
     images, without labels, that self-training labels (segmenter.pseudo). `scored_task`: the task
-    eval_names are cases of, when not `task` (--eval-task)."""
+    eval_names are cases of, when not `task` (--eval-task). `eval_scale`: each scored image is resized by it
+    for the network (Segmenter.predict_proba's scale) and its mask comes back at the image's own size."""
     import cv2
 
     from finetune.evaluate import evaluate_cases
@@ -327,7 +331,7 @@ def train_and_evaluate(
     pred_dir.mkdir(parents=True, exist_ok=True)
 
     def predict(case: Case, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        prob = segmenter.predict_proba(image)
+        prob = segmenter.predict_proba(image, eval_scale)
         pred = prob > segmenter.threshold
         cv2.imwrite(str(pred_dir / f"{case.name}.png"), np.where(pred, np.uint8(255), np.uint8(0)))
         return pred, prob
@@ -541,16 +545,22 @@ def run_finetune(
     generator_dir: str | Path | None = None,
     eval_task_path: str | Path | None = None,
     unlabelled_path: str | Path | None = None,
+    eval_scale: float = 1.0,
 ) -> dict[str, Any]:
     """`univg finetune` as a function (module docstring); returns the run summary. `generator_dir` (a
     pretrained generator folder, or a checkpoint folder holding generator/) is needed for univg_gen.
     `eval_task_path`: score on that task instead (--eval-task); every training input stays task_path's.
     `unlabelled_path`: the images (a task's non-test cases, or a folder of images) that self-training and
     the area threshold rule read, without labels, instead of the task's labelled pool minus the shots
-    (--unlabelled); none of them may be a scored image, and a draw's own shots are left out of them."""
+    (--unlabelled); none of them may be a scored image, and a draw's own shots are left out of them.
+    `eval_scale`: the scored images are resized by it for the network, their masks scored at their own size
+    (--eval-scale: the shots' pixel size over the scored images', e.g. 0.5 for a set at twice the resolution;
+    training, self-training and the area rule read their images as they are)."""
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
+    if not (eval_scale > 0 and math.isfinite(eval_scale)):
+        raise ValueError(f"--eval-scale {eval_scale} must be a positive number (1: the images as they are)")
     generator = resolve_generator(generator_dir, cfg)
     check_rehearsal(cfg)
     init = None
@@ -610,6 +620,7 @@ def run_finetune(
         "task": str(task_path),
         **({} if eval_task_path is None else {"eval_task": str(eval_task_path)}),
         **({} if unlabelled_path is None else {"unlabelled": str(unlabelled_path)}),
+        **({} if eval_scale == 1.0 else {"eval_scale": eval_scale}),
         "cases": cases,
         "generator": None if generator is None else str(generator),
         **to_dict(cfg),
@@ -631,9 +642,11 @@ def run_finetune(
         )
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
         # in every evaluation summary: the task scored, and the one trained on when it is another
-        where: dict[str, str] = {"task_path": str(task_path if eval_task_path is None else eval_task_path)}
+        where: dict[str, Any] = {"task_path": str(task_path if eval_task_path is None else eval_task_path)}
         if eval_task_path is not None:
             where["trained_on_task_path"] = str(task_path)
+        scale: dict[str, Any] = {} if eval_scale == 1.0 else {"eval_scale": eval_scale}
+        where.update(scale)  # and in every evaluation summary
         if "full" in cfg.methods:
             s0 = splits[0]
             info = {"method": "full", **where, "cases_from": s0.eval_from}
@@ -649,6 +662,7 @@ def run_finetune(
                     info,
                     progress,
                     scored_task=scored,
+                    **scale,
                 )
             )
         for d, split in enumerate(splits):
@@ -673,6 +687,7 @@ def run_finetune(
                         unlabelled[d],
                         pseudo_from[d] if "univg" in pseudo.methods else [],
                         scored_task=scored,
+                        **scale,
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -701,6 +716,7 @@ def run_finetune(
                         unlabelled[d],
                         pseudo_from[d] if "univg_gen" in pseudo.methods else [],
                         scored_task=scored,
+                        **scale,
                     )
                 )
             if "baseline" in cfg.methods:
@@ -718,6 +734,7 @@ def run_finetune(
                         unlabelled=unlabelled[d],
                         pseudo_from=pseudo_from[d] if "baseline" in pseudo.methods else [],
                         scored_task=scored,
+                        **scale,
                     )
                 )
         main_method = next(m for m in ("univg", "univg_gen", "baseline", "full") if m in cfg.methods)
@@ -727,6 +744,7 @@ def run_finetune(
         summary = _summarise(task, task_path, cfg, splits, results, time.perf_counter() - started, out)
         summary["unlabelled_from"] = unlabelled_from  # None: the task's labelled pool minus the shots
         summary["unlabelled_path"] = None if unlabelled_path is None else str(unlabelled_path)
+        summary["eval_scale"] = eval_scale
         _write_report(summary, out)
         _comparison_picture(loaded_scored, splits[0], cfg, out)
         tmp = out / (SUMMARY_FILE + ".tmp")
@@ -894,7 +912,12 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
 
     lines = [
         f"# Few-shot segmentation: {summary['task']}"
-        + (f", scored on {summary['eval_task']}" if summary.get("eval_task") else ""),
+        + (f", scored on {summary['eval_task']}" if summary.get("eval_task") else "")
+        + (
+            f", its images resized by {summary['eval_scale']:g} for the network"
+            if summary.get("eval_scale", 1.0) != 1.0
+            else ""
+        ),
         "",
         f"{summary['shots']} shot(s), {summary['num_draws']} draw(s); scored on {summary['num_eval_cases']} "
         f"case(s) ({summary['eval_from']}). Segmenter: {summary['segmenter']['arch']}, "
@@ -1032,6 +1055,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score on this task's test split (or every case) instead: shots from one set tested on another",
     )
     parser.add_argument(
+        "--eval-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="resize each scored image by F for the network, score its mask at its own size: the shots' "
+        "pixel size over the scored images' (0.5 for a set at twice the resolution; default 1)",
+    )
+    parser.add_argument(
         "--unlabelled",
         default=None,
         metavar="TASK_OR_FOLDER",
@@ -1102,6 +1133,7 @@ def run(args: argparse.Namespace) -> int:
         generator_dir=args.generator,
         eval_task_path=args.eval_task,
         unlabelled_path=args.unlabelled,
+        eval_scale=args.eval_scale,
     )
     scored = f", scored on {summary['eval_task']}" if summary.get("eval_task") else ""
     print(f"{summary['task']}: {summary['shots']} shot(s), {summary['num_draws']} draw(s){scored}")

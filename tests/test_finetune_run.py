@@ -261,6 +261,48 @@ def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: 
     assert not (tmp_path / "leak").exists()
 
 
+def test_eval_scale_scores_a_set_at_another_resolution(task_csv: Path, tmp_path: Path) -> None:
+    """--eval-scale: the other set's images (here the task's own test cases at twice the size) are resized by
+    F for the network and scored at their own size, exactly as `univg segment --scale F` predicts them; the
+    run records F, its report names it, and a resume with another F is refused."""
+    from finetune.segmenter import Segmenter
+
+    rows = ["image,mask,fov,split"]
+    (tmp_path / "big").mkdir()
+    for name in ("case_04", "case_05"):
+        image = cv2.imread(str(task_csv.parent / "images" / f"{name}.png"), cv2.IMREAD_COLOR)
+        mask = cv2.imread(str(task_csv.parent / "masks" / f"{name}_gt.png"), cv2.IMREAD_GRAYSCALE)
+        assert image is not None and mask is not None
+        cv2.imwrite(str(tmp_path / "big" / f"{name}.png"), cv2.resize(image, None, fx=2, fy=2))
+        big_mask = cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(tmp_path / "big" / f"{name}_gt.png"), big_mask)
+        rows.append(f"big/{name}.png,big/{name}_gt.png,,test")
+    big = tmp_path / "big.csv"
+    big.write_text("\n".join(rows) + "\n")
+    cfg = tiny(["methods=[baseline]", "split.num_draws=1"])
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="--eval-scale 0.0 must be a positive number"):
+        run_finetune(task_csv, out, cfg, progress=False, eval_task_path=big, eval_scale=0.0)
+    assert not out.exists()
+    summary = run_finetune(task_csv, out, cfg, progress=False, eval_task_path=big, eval_scale=0.5)
+    assert summary["eval_scale"] == 0.5
+    ev = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
+    assert ev["eval_scale"] == 0.5 and ev["num_cases"] == 2
+    segmenter = Segmenter.load(out / "draw_0" / "baseline" / "model", "cpu")
+    for name in ("case_04", "case_05"):
+        image = cv2.imread(str(tmp_path / "big" / f"{name}.png"), cv2.IMREAD_COLOR)
+        pred = cv2.imread(
+            str(out / "draw_0" / "baseline" / "eval" / "pred" / f"{name}.png"), cv2.IMREAD_GRAYSCALE
+        )
+        assert image is not None and pred is not None and pred.shape == image.shape[:2]
+        expected = segmenter.predict_proba(image, 0.5) > segmenter.threshold
+        assert np.array_equal(pred > 0, expected)
+        assert not np.array_equal(expected, segmenter.predict_proba(image) > segmenter.threshold)
+    assert "its images resized by 0.5 for the network" in (out / "report.md").read_text().splitlines()[0]
+    with pytest.raises(ValueError, match="eval_scale"):
+        run_finetune(task_csv, out, cfg, progress=False, eval_task_path=big, resume=True)
+
+
 def test_images_larger_than_the_input_cap_train_downscaled_and_score_at_native_size(
     task_csv: Path, tmp_path: Path
 ) -> None:

@@ -859,10 +859,10 @@ def render_mask(
         # polygon of almost no size, which fills its one pixel.
         rr = np.maximum(dot_r.astype(np.float64) - _FILL_GROWTH_PX, 0.05)
         discs = _fixed_c(dot_c[:, None] + rr[:, None] * _DISC_C[None, :])
-        shapes.extend(
-            disc if r_k < _ROUND_DOT_PX else _round_disc(c_k, rr_k)
-            for disc, r_k, c_k, rr_k in zip(discs, dot_r.tolist(), dot_c.tolist(), rr.tolist(), strict=True)
-        )
+        first_dot = len(shapes)
+        shapes.extend(discs)
+        for k in np.nonzero(dot_r >= _ROUND_DOT_PX)[0].tolist():  # wide dots: more sides (_round_disc)
+            shapes[first_dot + k] = _round_disc(complex(dot_c[k]), float(rr[k]))
         shape_r.append(dot_r.astype(np.float64))
     all_r = np.concatenate(shape_r) if shape_r else np.zeros(0)
     order = np.argsort(all_r, kind="stable")
@@ -1025,8 +1025,7 @@ def decompose(mask: np.ndarray) -> VesselGraph:
     skel_px = np.bincount(cc[skel], minlength=num_cc)
     inscribed = np.zeros(num_cc, np.float64)
     np.maximum.at(inscribed, cc[binary], edt[binary])
-    # exact, as the distance transform's last bit can differ between calls (see _paths_to_graph)
-    tiny |= skel_px < np.sqrt(np.rint(inscribed**2))
+    tiny |= skel_px < _exact_distance(inscribed)
     tiny[0] = False
     missing = np.nonzero((~has | tiny)[1:])[0] + 1
     if len(missing):
@@ -1151,6 +1150,13 @@ def decompose(mask: np.ndarray) -> VesselGraph:
     return _paths_to_graph(paths, path_nodes, node_xy, node_of, xs, ys, cx, cy, area, edt_p)
 
 
+def _exact_distance(edt: np.ndarray) -> np.ndarray:
+    """Distance-transform values made exact (float64): OpenCV's precise transform can differ in the last
+    float bit between calls on one mask, but its values are roots of whole squared pixel distances, so
+    those are recovered and re-rooted."""
+    return np.sqrt(np.rint(np.asarray(edt, np.float64) ** 2))
+
+
 def _prune_spurs_and_merge(
     paths: list[list[int]],
     path_nodes: list[tuple[int, int]],
@@ -1245,9 +1251,7 @@ def _paths_to_graph(
     raw = np.stack([xs[pix], ys[pix]], 1).astype(np.float64)
     # Where the vessel is wide (_FAT_RADIUS_PX), the skeleton pixel is the centre: the mask pixels nearest
     # to it form a long strip across the vessel whose centroid wanders sideways by several px.
-    # OpenCV's precise distance transform can differ in the last float bit between calls; its values are
-    # square roots of whole squared pixel distances, so those are recovered exactly and re-rooted.
-    edt_exact = np.sqrt(np.rint(edt_p[pix] ** 2))
+    edt_exact = _exact_distance(edt_p[pix])
     fat = edt_exact >= _FAT_RADIUS_PX
     pos = np.where((body & ~fat)[:, None], np.stack([cx[pix], cy[pix]], 1), raw)
     # Light smoothing of interior points along the path removes the skeleton's staircase.

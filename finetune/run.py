@@ -645,8 +645,8 @@ def run_finetune(
         where: dict[str, Any] = {"task_path": str(task_path if eval_task_path is None else eval_task_path)}
         if eval_task_path is not None:
             where["trained_on_task_path"] = str(task_path)
-        scale: dict[str, Any] = {} if eval_scale == 1.0 else {"eval_scale": eval_scale}
-        where.update(scale)  # and in every evaluation summary
+        if eval_scale != 1.0:
+            where["eval_scale"] = eval_scale
         if "full" in cfg.methods:
             s0 = splits[0]
             info = {"method": "full", **where, "cases_from": s0.eval_from}
@@ -662,7 +662,7 @@ def run_finetune(
                     info,
                     progress,
                     scored_task=scored,
-                    **scale,
+                    eval_scale=eval_scale,
                 )
             )
         for d, split in enumerate(splits):
@@ -687,7 +687,7 @@ def run_finetune(
                         unlabelled[d],
                         pseudo_from[d] if "univg" in pseudo.methods else [],
                         scored_task=scored,
-                        **scale,
+                        eval_scale=eval_scale,
                     )
                 )
             if "univg_gen" in cfg.methods:
@@ -716,7 +716,7 @@ def run_finetune(
                         unlabelled[d],
                         pseudo_from[d] if "univg_gen" in pseudo.methods else [],
                         scored_task=scored,
-                        **scale,
+                        eval_scale=eval_scale,
                     )
                 )
             if "baseline" in cfg.methods:
@@ -734,7 +734,7 @@ def run_finetune(
                         unlabelled=unlabelled[d],
                         pseudo_from=pseudo_from[d] if "baseline" in pseudo.methods else [],
                         scored_task=scored,
-                        **scale,
+                        eval_scale=eval_scale,
                     )
                 )
         main_method = next(m for m in ("univg", "univg_gen", "baseline", "full") if m in cfg.methods)

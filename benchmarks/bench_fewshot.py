@@ -196,14 +196,37 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def dice_panels(count: int) -> tuple[Any, list[Any]]:
+    """A figure of `count` Dice panels side by side (Agg backend, nothing shown): (figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
-    for ax, (name, entry) in zip(axes[0], results.items(), strict=True):
+    fig, axes = plt.subplots(1, count, figsize=(4.2 * count, 3.6), squeeze=False)
+    return fig, list(axes[0])
+
+
+def finish_panel(ax: Any, title: str, xlabel: str, legend_size: int = 7) -> None:
+    """Title, axis labels (y: test-split Dice), a light grid and the legend of one Dice panel."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Dice (test split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    fig, axes = dice_panels(len(results))
+    for ax, (name, entry) in zip(axes, results.items(), strict=True):
         shots = sorted(entry["shots"])
         for method, colour in (("univg", "tab:red"), ("baseline", "tab:blue")):
             xs = [k for k in shots if method in entry["shots"][k]]
@@ -215,15 +238,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.axhline(full["mean"], color="black", ls="--", label="full supervision")
             if full["std"] > 0:  # spread over training seeds
                 ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.08)
-        ax.set_title(name)
-        ax.set_xlabel("real labelled shots")
-        ax.set_ylabel("Dice (test split)")
         ax.set_xticks(shots or [1])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        finish_panel(ax, name, "real labelled shots", legend_size=8)
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_fewshot import dice_panels, finish_panel, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,13 +94,8 @@ def score_model(job: tuple[str, str, Path, list[float]]) -> list[float]:
 
 
 def plot(results: dict, scales: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
-    for ax, (name, by_label) in zip(axes[0], results.items(), strict=True):
+    fig, axes = dice_panels(len(results))
+    for ax, (name, by_label) in zip(axes, results.items(), strict=True):
         for label, runs in by_label.items():
             mean = np.mean([r["dice"] for r in runs], axis=0)
             ax.plot(scales, mean, marker="o", label=f"{label} (n={len(runs)})")
@@ -107,14 +103,8 @@ def plot(results: dict, scales: list[float], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(scales, [f"{s:g}" for s in scales])
         ax.minorticks_off()
-        ax.set_title(name)
-        ax.set_xlabel("test images resized by (shots at 1)")
-        ax.set_ylabel("Dice (test split)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        finish_panel(ax, name, "test images resized by (shots at 1)")
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_fewshot import dice_panels, finish_panel, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -156,16 +157,11 @@ def main() -> int:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Per set, mean Dice against shots for each method and threshold rule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sets = sorted({r["set"] for r in rows})
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False)
+    fig, axes = dice_panels(len(sets))
     styles = {"shots": "-", "area": "--", "oracle": ":"}
     colours = {"univg": "tab:red", "baseline": "tab:blue"}
-    for ax, name in zip(axes[0], sets, strict=True):
+    for ax, name in zip(axes, sets, strict=True):
         for method in sorted({r["method"] for r in rows if r["set"] == name}):
             for rule, style in styles.items():
                 group = [r for r in rows if r["set"] == name and r["method"] == method]
@@ -173,14 +169,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 ys = [float(np.mean([r[f"dice_{rule}"] for r in group if r["shots"] == k])) for k in xs]
                 label = f"{method}, {rule}" + (" (test labels)" if rule == "oracle" else "")
                 ax.plot(xs, ys, style, marker="o", ms=3, color=colours.get(method, "grey"), label=label)
-        ax.set_title(name)
-        ax.set_xlabel("real labelled shots")
-        ax.set_ylabel("Dice (test split)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        finish_panel(ax, name, "real labelled shots")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -953,14 +953,14 @@ def _outlines(
     # An offset curve that steps backward against its centreline folds over itself: the vessel is wider
     # than its centreline's radius of curvature (a lumen tens of px wide on a jittery skeleton), and the
     # outline would fill with holes and spikes. Such segments are drawn as convex pieces instead.
-    step = np.diff(p)
-    inner = np.diff(seg_of) == 0
-    backward = inner & (
-        ((np.conj(np.diff(p + side)) * step).real < 0) | ((np.conj(np.diff(p - side)) * step).real < 0)
-    )
-    for k in np.unique(seg_of[:-1][backward]).tolist():
-        if rr[first[k] : last[k] + 1].max() >= _FAT_RADIUS_PX:
-            polys[k] = _swept_pieces(p[first[k] : last[k] + 1], rr[first[k] : last[k] + 1])
+    # Only wide segments are tested (none in most masks, so nothing is computed on the usual path).
+    for k in np.nonzero(np.maximum.reduceat(rr, first) >= _FAT_RADIUS_PX)[0].tolist():
+        pk, sk = p[first[k] : last[k] + 1], side[first[k] : last[k] + 1]
+        step = np.diff(pk)
+        if ((np.conj(np.diff(pk + sk)) * step).real < 0).any() or (
+            (np.conj(np.diff(pk - sk)) * step).real < 0
+        ).any():
+            polys[k] = _swept_pieces(pk, rr[first[k] : last[k] + 1])
     seg_r = np.add.reduceat(r_seg, first) / counts
     return polys, seg_r
 

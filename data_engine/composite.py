@@ -13,8 +13,10 @@ Geometry. Every pixel near a vessel gets a local vessel radius r (px, the graph 
 vessel has r = 0.5) and a normalised distance t from the centreline: t = 0 on the centreline, 1 at the
 vessel's edge, beyond 1 outside it. Inside the mask t comes from the distance to the nearest non-vessel
 pixel (so junctions and overlaps stay dark/bright, where a nearest-centreline rule would leave notches);
-outside it from the distance to the nearest vessel pixel, in units of max(r, 1) px so that thin vessels
-keep a few pixels of blur. Contrast is measured and drawn on the same (r, t) grid, with the same rules.
+outside it from the distance to the nearest vessel pixel, in units of r clipped to [1, 10] px: thin
+vessels keep a few pixels of blur, and past a wide vessel's edge (a lumen cut across, whose wall is a
+few px thick whatever its radius) the grid stays in steps of 1.25 px rather than r / 8. Contrast is
+measured and drawn on the same (r, t) grid, with the same rules.
 
 Contrast models, both measured, the one that predicts the real vessel pixels better is used:
   "log": I = (B + 1) * exp(c) - 1, c = log((I + 1) / (B + 1)): absorbing vessels (fundus, X-ray), whose
@@ -33,10 +35,12 @@ import numpy as np
 
 from data_engine.graph import decompose, render_mask
 
-# Normalised distance grid: 0 (centreline) .. _T_MAX (2 vessel radii, or 2 px for thin vessels, beyond
-# the edge, where the blur of every real set we measured has died out), in bins of _T_STEP.
+# Normalised distance grid: 0 (centreline) .. _T_MAX (2 vessel radii beyond the edge, at least 2 px and
+# at most 20 px, where the blur of every real set we measured has died out), in bins of _T_STEP.
 _T_MAX = 3.0
 _T_STEP = 0.125
+# Outside a vessel, t counts px in units of the radius up to this many px (see the module doc).
+_OUT_UNIT_MAX_PX = 10.0
 # Radius bins (px). Graph radii come in 0.5 px steps for thin vessels (1, 2, 3 px wide), hence the edges
 # between them; wider bins for the few thick vessels.
 _RADIUS_EDGES_PX = (0.0, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 10.0, np.inf)
@@ -211,7 +215,7 @@ def _geometry(vessel: np.ndarray, radius_px: np.ndarray) -> tuple[np.ndarray, np
     # Pixel centres lie 0.5 px inside (outside) the continuous edge at distance 1 from the nearest pixel
     # across it, hence the - 0.5.
     t_in = np.clip(1.0 - (d_in - 0.5) / np.maximum(r, 0.5), 0.0, 1.0)
-    t_out = 1.0 + (d_out - 0.5) / np.maximum(r, 1.0)
+    t_out = 1.0 + (d_out - 0.5) / np.clip(r, 1.0, _OUT_UNIT_MAX_PX)
     return np.where(vessel, t_in, t_out).astype(np.float32), r
 
 
@@ -231,12 +235,15 @@ def _graph_radius(vessel: np.ndarray) -> np.ndarray:
     return np.where(vessel, np.maximum(out, 0.5), 0.0).astype(np.float32)
 
 
-def _fast_radius(vessel: np.ndarray) -> np.ndarray:
-    """Rough radius (px) at each vessel pixel, for the hole margin and the grain shift."""
+def _hole_radius(vessel: np.ndarray) -> np.ndarray:
+    """Radius (px) at each vessel pixel for the hole margin and the grain shift: the graph's radius, or
+    the largest inside distance within a few px where that is more (a pixel the graph misses)."""
     d_in = cv2.distanceTransform(vessel.astype(np.uint8), cv2.DIST_L2, 3)
-    # The largest inside distance within a few px is the radius on the centreline nearby.
+    # The largest inside distance within 3 px is the radius on the centreline nearby, for thin vessels;
+    # at the rim of a lumen 50 px across it reads ~4 px, hence the graph's radius beside it.
     local_max = cv2.dilate(d_in, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
-    return np.where(vessel, np.maximum(local_max - 0.5, 0.5), 0.0).astype(np.float32)
+    rough = np.where(vessel, np.maximum(local_max - 0.5, 0.5), 0.0).astype(np.float32)
+    return np.maximum(rough, _graph_radius(vessel))
 
 
 # --- vessel removal -----------------------------------------------------------------------------------
@@ -277,8 +284,9 @@ def _hole(image_HWC: np.ndarray, vessel: np.ndarray, inside: np.ndarray, radius_
     """The vessels plus the margin that their blur (and label error) reaches, measured on this image.
 
     Ring k px outside the mask counts as vessel while its median contrast against a fill from beyond
-    _MAX_MARGIN_PX is at least _TAIL_FRACTION of the vessels' own: X-ray angiograms blur ~5 px out,
-    sharp OCTA ~1 px. Wide vessels get _HOLE_MARGIN_PER_RADIUS * r on top, for their looser labels.
+    _MAX_MARGIN_PX is at least _TAIL_FRACTION of the vessels' own, of either sign: X-ray angiograms blur
+    ~5 px out, sharp OCTA ~1 px, and a bright wall around a dark lumen (ultrasound) belongs to the vessel
+    as much as its blur does. Wide vessels get _HOLE_MARGIN_PER_RADIUS * r on top, for their looser labels.
     """
     d_out, nearest = _nearest_labels(vessel)
     r_near = radius_px[vessel][nearest]
@@ -291,7 +299,7 @@ def _hole(image_HWC: np.ndarray, vessel: np.ndarray, inside: np.ndarray, radius_
     if abs(core) > 1e-3:
         for k in range(1, int(_MAX_MARGIN_PX)):
             ring = contrast_N[(d_N > k - 0.5) & (d_N <= k + 0.5)]
-            if not len(ring) or float(np.median(ring)) / core < _TAIL_FRACTION:
+            if not len(ring) or abs(float(np.median(ring)) / core) < _TAIL_FRACTION:
                 break
             margin = max(margin, k + 1.0)
     return vessel | (d_out <= margin + _HOLE_MARGIN_PER_RADIUS * r_near)
@@ -310,7 +318,7 @@ def _shifted(a: np.ndarray, dy: int, dx: int, fill: Any) -> np.ndarray:
 def _remove(image: np.ndarray, vessel: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """remove_vessels on checked inputs: float32 HxWxC, smooth fill + transplanted grain in the hole."""
     image_HWC = _as_hwc(image).astype(np.float32)
-    radius = _fast_radius(vessel)
+    radius = _hole_radius(vessel)
     hole = _hole(image_HWC, vessel, inside, radius) & inside
     valid = ~hole & inside
     out = image_HWC.copy()
@@ -350,9 +358,10 @@ def _remove(image: np.ndarray, vessel: np.ndarray, inside: np.ndarray) -> np.nda
 def remove_vessels(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
     """The image with the labelled vessels erased: same shape and dtype, pixels away from vessels kept.
 
-    The vessels and a margin around them (2 px + 0.3 radius) are filled from the surrounding background
-    (push-pull pyramid fill, which follows the illumination), with the background's own grain copied in
-    from nearby vessel-free pixels. Pixels outside the fov are left as they are and never used.
+    The vessels and a margin around them (2-8 px, as far as their blur or wall reaches, see _hole, plus 0.3
+    radius) are filled from the surrounding background (push-pull pyramid fill, which follows the
+    illumination), with the background's own grain copied in from nearby vessel-free pixels. Pixels
+    outside the fov are left as they are and never used.
     """
     vessel, inside = _check_inputs(image, mask, fov)
     out = np.clip(np.rint(_remove(image, vessel, inside)), 0, 255).astype(np.uint8)
@@ -423,7 +432,9 @@ def _edge_blur_px(profile_RT: np.ndarray, count_RT: np.ndarray, centre_R: np.nda
         if c0 <= 0:
             continue
         past = np.nonzero(t >= t[np.argmax(c[t < 0.5])])[0]
-        e = np.where(t <= 1, -(1 - t) * max(centre_R[i], 0.5), (t - 1) * max(centre_R[i], 1.0))
+        e = np.where(
+            t <= 1, -(1 - t) * max(centre_R[i], 0.5), (t - 1) * min(max(centre_R[i], 1.0), _OUT_UNIT_MAX_PX)
+        )
         levels = []
         for frac in (0.8, 0.2):
             below = past[c[past] < frac * c0]

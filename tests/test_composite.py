@@ -135,6 +135,41 @@ def test_a_lumen_cut_across_is_measured_and_drawn(axes_px: tuple[int, int]) -> N
     assert np.array_equal(drawn[far], removed[far])
 
 
+def _ring(mask: np.ndarray, inner_px: float, outer_px: float) -> np.ndarray:
+    """Pixels whose distance to the mask is in (inner_px, outer_px]."""
+    d = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return (d > inner_px) & (d <= outer_px)
+
+
+def test_a_lumens_wall_is_erased_from_the_shot_and_drawn_on_new_lumens() -> None:
+    """A dark lumen 44 px across whose bright wall (2.5 px, unlabelled, as in ultrasound) lies just outside
+    its label: the wall goes with the lumen when it is erased, and new lumens are drawn with one. Before the
+    ring test took rings of either sign and the hole its radius from the graph, the wall stayed in the
+    background as a ghost ring, and the profile, measured against it, drew new lumens without a wall."""
+    rng = np.random.default_rng(0)
+    h, w = 160, 220
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    background = 120 + 25 * np.sin(yy / 30) + rng.normal(0, 5, (h, w))
+    mask = np.zeros((h, w), np.uint8)
+    cv2.circle(mask, (60, 80), 22, 255, -1)
+    wall = _ring(mask, 0.0, 2.5)
+    image = background.copy()
+    image[mask > 0] *= 0.15
+    image[wall] += 80
+    image = np.clip(np.rint(cv2.GaussianBlur(image, (0, 0), 0.7)), 0, 255).astype(np.uint8)
+    removed = remove_vessels(image, mask)
+    assert abs((removed[wall].astype(np.float64) - background[wall]).mean()) < 12  # the wall was +80
+    profile = measure_profile(image, mask, background=removed)
+    new_mask = np.zeros((h, w), np.uint8)
+    cv2.circle(new_mask, (165, 75), 18, 255, -1)
+    new_mask, new_radius = render_mask(decompose(new_mask), (h, w))
+    drawn = draw_vessels(removed, new_mask, new_radius, profile, np.random.default_rng(1))
+    new_wall = _ring(new_mask, 0.0, 2.5)
+    assert (drawn[new_wall].astype(np.float64) - removed[new_wall]).mean() > 40
+    beyond = _ring(new_mask, 6.0, 12.0)  # the wall is drawn thin, not smeared over the grid's steps
+    assert abs((drawn[beyond].astype(np.float64) - removed[beyond]).mean()) < 10
+
+
 def test_colour_profiles_round_trip_through_json_and_merge() -> None:
     _, grey, mask = _scene(contrast=0.4)
     # A BGR image whose blue channel has half the vessel contrast of the green.

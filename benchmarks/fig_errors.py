@@ -8,12 +8,18 @@ One row per case (the first `--num-cases` of the split, in the task's order, unl
 them): image | label | each folder's errors (vessel found white, false red, missed blue, outside the FOV
 dark grey), each titled with its label and the case's Dice inside the FOV. Prediction files are
 matched to cases as `univg evaluate` matches them (named after the case, its image or its mask).
+
+`--synthetic RUN/draw_0/synthetic` adds a row of close-ups where the vessels are small in the frame: the
+first composite pairs of a run's synthesised shards, each cropped around its largest labelled vessel,
+and last the real shot that pair's background came from, cropped the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -22,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_engine.ingest import load_case, read_task  # noqa: E402
+from data_engine.ingest import Case, load_case, read_task  # noqa: E402
 from finetune.evaluate import error_map, match_predictions, read_prediction  # noqa: E402
 from finetune.synthesis import fit_tile  # noqa: E402
 
@@ -30,6 +36,61 @@ from finetune.synthesis import fit_tile  # noqa: E402
 def _titled(tile: np.ndarray, text: str) -> np.ndarray:
     cv2.putText(tile, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1, cv2.LINE_AA)
     return tile
+
+
+def _close_up(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """A size x size tile of the square around the largest labelled component, twice its extent."""
+    n, _, stats, centres = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8))
+    if n < 2:
+        return fit_tile(image, size)
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    half = max(int(stats[k, cv2.CC_STAT_WIDTH]), int(stats[k, cv2.CC_STAT_HEIGHT]), 16)
+    cx, cy = (int(round(v)) for v in centres[k])
+    h, w = mask.shape
+    y0, x0 = min(max(cy - half, 0), max(h - 2 * half, 0)), min(max(cx - half, 0), max(w - 2 * half, 0))
+    crop = image[y0 : y0 + 2 * half, x0 : x0 + 2 * half]
+    bgr = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR) if crop.ndim == 2 else crop
+    return cv2.resize(bgr, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
+    handle = tar.extractfile(name)
+    if handle is None:
+        raise SystemExit(f"{tar.name!r}: no file {name}")
+    return handle.read()
+
+
+def _decoded(tar: tarfile.TarFile, name: str) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(_member_bytes(tar, name), np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise SystemExit(f"{tar.name!r}: {name} does not decode")
+    return np.asarray(array)
+
+
+def _synthetic_row(folder: Path, cases_by_name: dict[str, Case], count: int, size: int) -> list[np.ndarray]:
+    """Close-ups of the first `count` composite pairs in folder's shards, then the first one's host shot."""
+    tiles: list[np.ndarray] = []
+    host = None
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for name in sorted(n for n in tar.getnames() if n.endswith(".meta.json")):
+                meta = json.loads(_member_bytes(tar, name))
+                if meta.get("route") != "composite":
+                    continue
+                key = name[: -len(".meta.json")]
+                image, mask = _decoded(tar, f"{key}.image.png"), _decoded(tar, f"{key}.mask.png")
+                tiles.append(_titled(_close_up(image, mask, size), "synthetic"))
+                host = host or meta.get("host")
+                if len(tiles) == count:
+                    break
+        if len(tiles) == count:
+            break
+    if not tiles:
+        raise SystemExit(f"no composite pairs in the shards of {folder}")
+    if host in cases_by_name:
+        image, label, _fov = load_case(cases_by_name[host])
+        tiles.append(_titled(_close_up(image, label, size), f"real shot {host}"))
+    return tiles
 
 
 def main() -> int:
@@ -40,6 +101,8 @@ def main() -> int:
     parser.add_argument("--num-cases", type=int, default=3)
     parser.add_argument("--tile-px", type=int, default=256, help="side of each panel")
     parser.add_argument("--out", type=Path, required=True, help="picture to write (.png or .jpg)")
+    parser.add_argument("--synthetic", type=Path, help="a run's synthetic shard folder: a row of close-ups")
+    parser.add_argument("--num-synthetic", type=int, default=4, help="composite pairs in that row")
     parser.add_argument("preds", nargs="+", help="LABEL=FOLDER of predicted masks, in panel order")
     args = parser.parse_args()
     task_path = Path(args.task)
@@ -78,10 +141,25 @@ def main() -> int:
             tiles.append(_titled(fit_tile(error_map(found, truth, fov), t), f"{name}: Dice {dice:.3f}"))
         gap = np.full((t, 4, 3), 96, np.uint8)
         rows.append(np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1))
+    if args.synthetic is not None:
+        task_cases = {c.name: c for c in read_task(task_path).cases}
+        close = _synthetic_row(args.synthetic, task_cases, args.num_synthetic, t)
+        gap = np.full((t, 4, 3), 96, np.uint8)
+        row = np.concatenate([x for tile in close for x in (tile, gap)][:-1], axis=1)
+        width = rows[0].shape[1]
+        if row.shape[1] != width:  # same width as the rows above: shrink or pad on the right
+            if row.shape[1] > width:
+                row = cv2.resize(
+                    row, (width, round(row.shape[0] * width / row.shape[1])), interpolation=cv2.INTER_AREA
+                )
+            else:
+                row = np.concatenate([row, np.zeros((row.shape[0], width - row.shape[1], 3), np.uint8)], 1)
+        rows.append(row)
     band = np.full((4, rows[0].shape[1], 3), 96, np.uint8)
     picture = np.concatenate([x for row in rows for x in (row, band)][:-1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(args.out), picture, [cv2.IMWRITE_JPEG_QUALITY, 88]):
+    params = [cv2.IMWRITE_JPEG_QUALITY, 88] if args.out.suffix.lower() in (".jpg", ".jpeg") else []
+    if not cv2.imwrite(str(args.out), picture, params):
         raise SystemExit(f"could not write {args.out}")
     print(f"wrote {args.out} ({len(cases)} cases x {len(folders)} prediction folders)")
     return 0

@@ -13,6 +13,7 @@ with an image suffix (not recursive), or one image file.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import cv2
@@ -64,8 +65,8 @@ def segment_folder(
     (Segmenter.predict_proba); masks come back at the image's own size."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold {threshold} must be in (0, 1)")
-    if not scale > 0:
-        raise ValueError(f"--scale {scale} must be > 0")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"--scale {scale} must be a positive number (1: the images as they are)")
     paths = list_images(images)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{p.stem}.png" for p in paths]

@@ -602,8 +602,10 @@ def test_segment_at_another_scale(finished_run: Path, task_csv: Path, tmp_path: 
         assert np.array_equal(mask > 0, got > seg.threshold)
         prob = cv2.imread(str(tmp_path / "half" / "probabilities" / mask_path.name), cv2.IMREAD_GRAYSCALE)
         assert prob is not None and np.array_equal(prob, np.rint(got * 255).astype(np.uint8))
-    with pytest.raises(ValueError, match="--scale 0.0 must be > 0"):
-        segment_folder(finished_run, images, tmp_path / "zero", progress=False, scale=0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"--scale {bad} must be a positive number"):
+            segment_folder(finished_run, images, tmp_path / "bad", progress=False, scale=bad)
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.skipif(not (DATA / "OCTA500_3M" / "pairs.csv").is_file(), reason=f"no real data in {DATA}")

@@ -1049,7 +1049,9 @@ def decompose(mask: np.ndarray) -> VesselGraph:
         nb[shared, k] = -1
     degree = (nb >= 0).sum(axis=1)
 
-    edt_p = edt[ys, xs].astype(np.float64)
+    # Exact distances (OpenCV's precise transform differs in the last bits between calls; see
+    # _exact_distance), so that spur pruning and the radii are the same on every call.
+    edt_p = _exact_distance(edt[ys, xs])
 
     # Nodes: clusters of junction pixels, end pixels, isolated pixels.
     junction = degree >= 3
@@ -1251,7 +1253,7 @@ def _paths_to_graph(
     raw = np.stack([xs[pix], ys[pix]], 1).astype(np.float64)
     # Where the vessel is wide (_FAT_RADIUS_PX), the skeleton pixel is the centre: the mask pixels nearest
     # to it form a long strip across the vessel whose centroid wanders sideways by several px.
-    edt_exact = _exact_distance(edt_p[pix])
+    edt_exact = edt_p[pix]
     fat = edt_exact >= _FAT_RADIUS_PX
     pos = np.where((body & ~fat)[:, None], np.stack([cx[pix], cy[pix]], 1), raw)
     # Light smoothing of interior points along the path removes the skeleton's staircase.

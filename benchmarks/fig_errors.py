@@ -17,9 +17,7 @@ and last the real shot that pair's background came from, cropped the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -31,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from data_engine.ingest import Case, load_case, read_task  # noqa: E402
 from finetune.evaluate import error_map, match_predictions, read_prediction  # noqa: E402
 from finetune.synthesis import fit_tile  # noqa: E402
+from shards.schema import decode_sample, iter_samples  # noqa: E402
 
 
 def _titled(tile: np.ndarray, text: str) -> np.ndarray:
@@ -53,34 +52,18 @@ def _close_up(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(bgr, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def _member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
-    handle = tar.extractfile(name)
-    if handle is None:
-        raise SystemExit(f"{tar.name!r}: no file {name}")
-    return handle.read()
-
-
-def _decoded(tar: tarfile.TarFile, name: str) -> np.ndarray:
-    array = cv2.imdecode(np.frombuffer(_member_bytes(tar, name), np.uint8), cv2.IMREAD_UNCHANGED)
-    if array is None:
-        raise SystemExit(f"{tar.name!r}: {name} does not decode")
-    return np.asarray(array)
-
-
 def _synthetic_row(folder: Path, cases_by_name: dict[str, Case], count: int, size: int) -> list[np.ndarray]:
     """Close-ups of the first `count` composite pairs in folder's shards, then the first one's host shot."""
     tiles: list[np.ndarray] = []
     host = None
     for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for name in sorted(n for n in tar.getnames() if n.endswith(".meta.json")):
-                meta = json.loads(_member_bytes(tar, name))
-                if meta.get("route") != "composite":
+        with shard.open("rb") as f:
+            for key, members in iter_samples(f, str(shard)):
+                sample = decode_sample(key, members)
+                if sample.meta.get("route") != "composite":
                     continue
-                key = name[: -len(".meta.json")]
-                image, mask = _decoded(tar, f"{key}.image.png"), _decoded(tar, f"{key}.mask.png")
-                tiles.append(_titled(_close_up(image, mask, size), "synthetic"))
-                host = host or meta.get("host")
+                tiles.append(_titled(_close_up(sample.image, sample.mask, size), "synthetic"))
+                host = host or sample.meta.get("host")
                 if len(tiles) == count:
                     break
         if len(tiles) == count:

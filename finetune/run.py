@@ -53,6 +53,7 @@ import yaml
 from data_engine.ingest import Case, Task, load_case, read_task, unlabelled_images
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.metrics import METRICS
+from finetune.sampler import check_scale
 from finetune.split import Split, draw_split, score_on, spread, unlabelled_cases, write_split
 from univg.config import add_config_options, cli_overrides, to_dict
 
@@ -559,8 +560,7 @@ def run_finetune(
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
-    if not (eval_scale > 0 and math.isfinite(eval_scale)):
-        raise ValueError(f"--eval-scale {eval_scale} must be a positive number (1: the images as they are)")
+    check_scale(eval_scale, "--eval-scale")
     generator = resolve_generator(generator_dir, cfg)
     check_rehearsal(cfg)
     init = None

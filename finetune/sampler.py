@@ -42,6 +42,12 @@ def input_size(height_px: int, width_px: int, max_side_px: int) -> tuple[int, in
     return max(1, round(height_px * scale)), max(1, round(width_px * scale))
 
 
+def check_scale(factor: float, name: str) -> None:
+    """Refuse a resize factor (the option `name`) that is not a positive finite number."""
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"{name} {factor} must be a positive number (1: the images as they are)")
+
+
 def resize_by(image: np.ndarray, factor: float) -> np.ndarray:
     """The image resized by `factor` on both sides (area interpolation down, cubic up); 1 returns it as is."""
     if factor == 1.0:

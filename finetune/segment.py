@@ -13,7 +13,6 @@ with an image suffix (not recursive), or one image file.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import cv2
@@ -21,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_engine.io import IMAGE_SUFFIXES, read_image
+from finetune.sampler import check_scale
 
 PROBABILITY_DIR = "probabilities"  # same name finetune.evaluate looks for
 
@@ -65,8 +65,7 @@ def segment_folder(
     (Segmenter.predict_proba); masks come back at the image's own size."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold {threshold} must be in (0, 1)")
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"--scale {scale} must be a positive number (1: the images as they are)")
+    check_scale(scale, "--scale")
     paths = list_images(images)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{p.stem}.png" for p in paths]

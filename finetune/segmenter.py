@@ -44,7 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune.config import LossConfig, NetConfig, SegmenterConfig
-from finetune.sampler import PatchPool, prepare_image, prepare_mask, resize_by
+from finetune.sampler import PatchPool, check_scale, prepare_image, prepare_mask, resize_by
 from univg.config import ConfigError, config_from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ class Segmenter:
         `scale` resizes the image for the network first (the input cap applies after it) and the probability
         comes back at the image's own size: for images whose vessels are wider or thinner in pixels than the
         training shots' (another resolution), scale = the shots' pixel size over the image's."""
-        if not scale > 0:
-            raise ValueError(f"scale={scale} must be > 0")
+        check_scale(scale, "scale")
         original_hw = image.shape[:2]
         input_3HW = prepare_image(resize_by(image, scale), self.cfg.input.max_side_px)
         x_13HW = torch.from_numpy(input_3HW)[None].to(self.device)

@@ -2,6 +2,7 @@
 
     background = remove_vessels(image, mask, fov)              # the real image with its vessels erased
     profile = measure_profile(image, mask, fov, background)    # how vessels look in this modality
+    # (or both at once, the mask decomposed once: background, profile = remove_and_measure(image, mask, fov))
     profile = merge_profiles([profile_1, ..., profile_5])      # one profile from all the shots
     new_mask, new_radius_px = clip_to_fov(*render_mask(graph, shape), fov)
     image2 = draw_vessels(background, new_mask, new_radius_px, profile, rng, fov)
@@ -235,15 +236,16 @@ def _graph_radius(vessel: np.ndarray) -> np.ndarray:
     return np.where(vessel, np.maximum(out, 0.5), 0.0).astype(np.float32)
 
 
-def _hole_radius(vessel: np.ndarray) -> np.ndarray:
-    """Radius (px) at each vessel pixel for the hole margin and the grain shift: the graph's radius, or
-    the largest inside distance within a few px where that is more (a pixel the graph misses)."""
+def _hole_radius(vessel: np.ndarray, graph_radius: np.ndarray) -> np.ndarray:
+    """Radius (px) at each vessel pixel for the hole margin and the grain shift: the graph's radius
+    (_graph_radius), or the largest inside distance within a few px where that is more (a pixel the graph
+    misses)."""
     d_in = cv2.distanceTransform(vessel.astype(np.uint8), cv2.DIST_L2, 3)
     # The largest inside distance within 3 px is the radius on the centreline nearby, for thin vessels;
     # at the rim of a lumen 50 px across it reads ~4 px, hence the graph's radius beside it.
     local_max = cv2.dilate(d_in, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
     rough = np.where(vessel, np.maximum(local_max - 0.5, 0.5), 0.0).astype(np.float32)
-    return np.maximum(rough, _graph_radius(vessel))
+    return np.maximum(rough, graph_radius)
 
 
 # --- vessel removal -----------------------------------------------------------------------------------
@@ -315,10 +317,12 @@ def _shifted(a: np.ndarray, dy: int, dx: int, fill: Any) -> np.ndarray:
     return out
 
 
-def _remove(image: np.ndarray, vessel: np.ndarray, inside: np.ndarray) -> np.ndarray:
+def _remove(
+    image: np.ndarray, vessel: np.ndarray, inside: np.ndarray, graph_radius: np.ndarray
+) -> np.ndarray:
     """remove_vessels on checked inputs: float32 HxWxC, smooth fill + transplanted grain in the hole."""
     image_HWC = _as_hwc(image).astype(np.float32)
-    radius = _hole_radius(vessel)
+    radius = _hole_radius(vessel, graph_radius)
     hole = _hole(image_HWC, vessel, inside, radius) & inside
     valid = ~hole & inside
     out = image_HWC.copy()
@@ -364,8 +368,25 @@ def remove_vessels(image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None =
     outside the fov are left as they are and never used.
     """
     vessel, inside = _check_inputs(image, mask, fov)
-    out = np.clip(np.rint(_remove(image, vessel, inside)), 0, 255).astype(np.uint8)
+    return _background(image, vessel, inside, _graph_radius(vessel))
+
+
+def _background(
+    image: np.ndarray, vessel: np.ndarray, inside: np.ndarray, graph_radius: np.ndarray
+) -> np.ndarray:
+    out = np.clip(np.rint(_remove(image, vessel, inside, graph_radius)), 0, 255).astype(np.uint8)
     return out.reshape(image.shape)
+
+
+def remove_and_measure(
+    image: np.ndarray, mask: np.ndarray, fov: np.ndarray | None = None
+) -> tuple[np.ndarray, VesselProfile]:
+    """(remove_vessels(image, mask, fov), measure_profile(image, mask, fov, that background)), with the mask
+    decomposed once for both."""
+    vessel, inside = _check_inputs(image, mask, fov)
+    graph_radius = _graph_radius(vessel)
+    background = _background(image, vessel, inside, graph_radius)
+    return background, _measure(image, vessel, inside, background, graph_radius)
 
 
 # --- measuring ----------------------------------------------------------------------------------------
@@ -471,16 +492,28 @@ def measure_profile(
 ) -> VesselProfile:
     """Measure the vessels of one real image: contrast per (radius, distance, channel), polarity, blur, grain.
 
-    `background` is remove_vessels(image, mask, fov) (computed when None; pass it to save the time).
+    `background` is remove_vessels(image, mask, fov) (computed when None; remove_and_measure gives both).
     """
     vessel, inside = _check_inputs(image, mask, fov)
+    graph_radius = _graph_radius(vessel)
     if background is None:
-        background = remove_vessels(image, mask, fov)
+        background = _background(image, vessel, inside, graph_radius)
     _check_image(background, "background")
     if background.shape != image.shape:
         raise ValueError(f"background has shape {background.shape}, the image {image.shape}: they must match")
+    return _measure(image, vessel, inside, background, graph_radius)
+
+
+def _measure(
+    image: np.ndarray,
+    vessel: np.ndarray,
+    inside: np.ndarray,
+    background: np.ndarray,
+    graph_radius: np.ndarray,
+) -> VesselProfile:
+    """measure_profile on checked inputs, with the mask's _graph_radius."""
     image_HWC, background_HWC = _as_hwc(image).astype(np.float32), _as_hwc(background).astype(np.float32)
-    t, r = _geometry(vessel, _graph_radius(vessel))
+    t, r = _geometry(vessel, graph_radius)
     near_y, near_x = np.nonzero((t < _T_MAX) & inside)
     if len(near_y) > _MAX_MEASURED:  # a fixed subsample: medians need no more, and sorting is the cost
         keep = np.sort(np.random.default_rng(0).choice(len(near_y), _MAX_MEASURED, replace=False))

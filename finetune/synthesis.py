@@ -118,8 +118,7 @@ class ShotSynthesizer:
         inside = mask > 0 if fov is None else (mask > 0) & (fov > 0)
         size = max(mask.shape)
         graph = library_graph(decompose(mask), size)
-        background = composite.remove_vessels(image, mask, fov)
-        profile = composite.measure_profile(image, mask, fov, background=background)
+        background, profile = composite.remove_and_measure(image, mask, fov)
         radii = graph.radius_P if graph.num_points else np.array([0.7], np.float32)
         return _Shot(
             name=name,

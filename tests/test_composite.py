@@ -14,6 +14,7 @@ from data_engine.composite import (
     draw_vessels,
     measure_profile,
     merge_profiles,
+    remove_and_measure,
     remove_vessels,
 )
 from data_engine.graph import decompose, flip, graph_from_polylines, render_mask
@@ -168,6 +169,14 @@ def test_a_lumens_wall_is_erased_from_the_shot_and_drawn_on_new_lumens() -> None
     assert (drawn[new_wall].astype(np.float64) - removed[new_wall]).mean() > 40
     beyond = _ring(new_mask, 6.0, 12.0)  # the wall is drawn thin, not smeared over the grid's steps
     assert abs((drawn[beyond].astype(np.float64) - removed[beyond]).mean()) < 10
+
+
+def test_remove_and_measure_equals_the_two_calls() -> None:
+    _, image, mask = _scene(contrast=0.4)
+    background, profile = remove_and_measure(image, mask)
+    assert np.array_equal(background, remove_vessels(image, mask))
+    assert profile.to_json() == measure_profile(image, mask, background=background).to_json()
+    assert profile.to_json() == measure_profile(image, mask).to_json()
 
 
 def test_colour_profiles_round_trip_through_json_and_merge() -> None:

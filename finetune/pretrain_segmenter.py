@@ -2,12 +2,14 @@
 runs can start from its weights (`pretrained_segmenter` in a fine-tuning config) instead of from scratch.
 
     univg segmenter-pretrain --shards data/shards/univg58k --out runs/segmenter_univg58k --steps 18000
+    univg segmenter-pretrain --shards configs/corpus/univg58k.yaml --out runs/seg --steps 18000
 
 The segmenter section of the fine-tuning profile (`--profile`, default cpu-fast) sets the network, patches,
 augmentation, loss and optimizer; `--steps` its length. Pairs stream from the shards in a seeded random
 shard order through the segmenter's ring pool (patch.synthetic_pool_size pairs in memory, refreshed every
-step). Writes `<out>/model` (a segmenter folder `univg segment` also reads), `<out>/config.yaml` and
-`<out>/pretrain.log`.
+step). Given the corpus config instead of the folder (the second line), the data engine makes the same
+pairs on the fly, with no corpus on disk, and the weights come out the same. Writes `<out>/model` (a
+segmenter folder `univg segment` also reads), `<out>/config.yaml` and `<out>/pretrain.log`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -28,19 +31,39 @@ from univg.config import to_dict
 log = logging.getLogger("univg.segmenter_pretrain")
 
 
-def corpus_pairs(folder: str | Path, seed: int, modalities: set[str] | None = None) -> Iterator[tuple]:
-    """(image, mask) pairs of a shard corpus, shard order shuffled by `seed` and repeated without end."""
+def is_corpus_config(source: str | Path) -> bool:
+    """Whether a corpus source names a corpus config (a YAML file) rather than a built shard folder."""
+    return Path(source).suffix in (".yaml", ".yml")
+
+
+def corpus_pairs(source: str | Path, seed: int, modalities: set[str] | None = None) -> Iterator[tuple]:
+    """(image, mask) pairs of a corpus, shard order shuffled by `seed` and repeated without end.
+
+    `source` is a shard corpus folder (`univg shards build`), or the corpus config YAML such a folder is
+    built from: then the data engine makes the pairs as they are needed, the same arrays in the same order
+    as reading the built corpus (its PNGs are lossless and sample i is a pure function of the config), for
+    a few ms of CPU per 512 px pair and no disk.
+    """
+    from shards.config import load_corpus_config
     from shards.manifest import load_manifest
+
+    if is_corpus_config(source):
+        cfg = load_corpus_config(source)
+        held = {m for m, share in cfg.engine.modalities.items() if share > 0}
+        stream = _engine_pairs(cfg, seed, modalities)
+    else:
+        manifest = load_manifest(source)
+        held = set(manifest.modalities)
+        stream = _shard_pairs(Path(source), manifest, seed, modalities)
+    unknown = (modalities or set()) - held
+    if unknown:
+        raise ValueError(f"{source}: no samples of modality {sorted(unknown)}; it holds {sorted(held)}")
+    return stream
+
+
+def _shard_pairs(folder: Path, manifest: Any, seed: int, modalities: set[str] | None) -> Iterator[tuple]:
     from shards.schema import META, decode_sample, iter_samples_bytes
 
-    folder = Path(folder)
-    manifest = load_manifest(folder)
-    if modalities is not None:
-        unknown = modalities - set(manifest.modalities)
-        if unknown:
-            raise ValueError(
-                f"{folder}: no samples of modality {sorted(unknown)}; it holds {sorted(manifest.modalities)}"
-            )
     rng = np.random.default_rng(seed)
     while True:
         for i in rng.permutation(len(manifest.shards)):
@@ -50,6 +73,19 @@ def corpus_pairs(folder: str | Path, seed: int, modalities: set[str] | None = No
                 if modalities is not None and json.loads(members[META]).get("modality") not in modalities:
                     continue
                 sample = decode_sample(key, members)
+                yield sample.image, sample.mask
+
+
+def _engine_pairs(cfg: Any, seed: int, modalities: set[str] | None) -> Iterator[tuple]:
+    from data_engine.corpus import make_sample, modality_of
+
+    rng = np.random.default_rng(seed)  # the shards' order, drawn as _shard_pairs draws it
+    while True:
+        for shard in rng.permutation(cfg.num_shards):
+            for i in cfg.shard_indices(int(shard)):
+                if modalities is not None and modality_of(cfg.engine, i) not in modalities:
+                    continue
+                sample = make_sample(cfg.engine, i)
                 yield sample.image, sample.mask
 
 
@@ -85,7 +121,11 @@ def pretrain_segmenter(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", required=True, help="a shard corpus folder (univg shards build)")
+    parser.add_argument(
+        "--shards",
+        required=True,
+        help="a shard corpus folder (univg shards build), or its corpus config YAML (pairs made on the fly)",
+    )
     parser.add_argument("--out", required=True, help="new folder for the pretrained segmenter")
     parser.add_argument("--profile", default="cpu-fast", help="configs/finetune/<profile>.yaml or a path")
     parser.add_argument(

@@ -453,22 +453,43 @@ class _WithRehearsal:
             n += 1
 
 
+def checkout_path(value: str) -> str:
+    """A path a config names: as given when it exists from the working folder (or is absolute or empty),
+    else the univg checkout's own file of that name when there is one (the profiles name the shipped start
+    and corpus config relative to the checkout, so a run started from any folder finds them)."""
+    if not value or Path(value).is_absolute() or Path(value).exists() or not (ROOT / value).exists():
+        return value
+    return str(ROOT / value)
+
+
+def with_checkout_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """cfg with pretrained_segmenter and rehearsal.corpus looked up by checkout_path."""
+    rehearsal = replace(cfg.rehearsal, corpus=checkout_path(cfg.rehearsal.corpus))
+    return replace(cfg, pretrained_segmenter=checkout_path(cfg.pretrained_segmenter), rehearsal=rehearsal)
+
+
 def check_rehearsal(cfg: FinetuneConfig) -> None:
-    """The rehearsal corpus is a readable shard corpus holding the asked modalities (ValueError if not)."""
+    """The rehearsal corpus is a readable shard corpus, or a corpus config, holding the asked modalities
+    (ValueError if not)."""
     r = cfg.rehearsal
     if not r.corpus:
         return
+    from finetune.pretrain_segmenter import is_corpus_config
+    from shards.config import load_corpus_config
     from shards.manifest import load_manifest
 
     try:
-        manifest = load_manifest(r.corpus)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"rehearsal.corpus={r.corpus}: not a shard corpus ({e})") from e
-    missing = sorted(set(r.modalities) - set(manifest.modalities))
+        if is_corpus_config(r.corpus):
+            engine = load_corpus_config(r.corpus).engine
+            held = sorted(m for m, share in engine.modalities.items() if share > 0)
+        else:
+            held = sorted(load_manifest(r.corpus).modalities)
+    except (OSError, ValueError, KeyError) as e:  # a bad config raises ConfigError, a ValueError
+        kind = "corpus config" if is_corpus_config(r.corpus) else "shard corpus"
+        raise ValueError(f"rehearsal.corpus={r.corpus}: not a {kind} ({e})") from e
+    missing = sorted(set(r.modalities) - set(held))
     if missing:
-        raise ValueError(
-            f"rehearsal.corpus={r.corpus} holds no {missing} samples; it holds {sorted(manifest.modalities)}"
-        )
+        raise ValueError(f"rehearsal.corpus={r.corpus} holds no {missing} samples; it holds {held}")
 
 
 def rehearsal_pairs(cfg: FinetuneConfig, draw: int) -> Any:
@@ -561,6 +582,7 @@ def run_finetune(
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
     check_scale(eval_scale, "--eval-scale")
+    cfg = with_checkout_paths(cfg)
     generator = resolve_generator(generator_dir, cfg)
     check_rehearsal(cfg)
     init = None

@@ -60,3 +60,18 @@ def test_corpus_configs_hold_their_promises() -> None:
     assert (full.num_samples, full.engine.image_size_px, len(full.engine.modalities)) == (58689, 512, 5)
     tiny = load_corpus_config(CONFIGS / "corpus" / "tiny.yaml")
     assert tiny.num_samples <= 1000 and tiny.engine.image_size_px <= 64 and tiny.num_shards > 1
+
+
+def test_an_empty_value_of_a_string_field_is_the_empty_string(tmp_path: Path) -> None:
+    """`key:` in a YAML and `key=` on the command line clear a string (a profile's start: from scratch)."""
+    from finetune.config import load_finetune_config
+
+    profile = CONFIGS / "finetune" / "cpu-fast.yaml"
+    assert load_finetune_config(profile).pretrained_segmenter  # the profile names a start
+    cleared = load_finetune_config(profile, ["pretrained_segmenter=", "rehearsal.corpus="])
+    assert cleared.pretrained_segmenter == "" and cleared.rehearsal.corpus == ""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("pretrained_segmenter:\n")
+    assert load_finetune_config(bare).pretrained_segmenter == ""
+    with pytest.raises(ConfigError, match=r"pretrained_segmenter must be a string, got \[1\]"):
+        load_finetune_config(profile, ["pretrained_segmenter=[1]"])

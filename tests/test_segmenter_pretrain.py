@@ -20,6 +20,7 @@ from finetune.run import rehearsal_pairs, run_finetune, thin_mask, with_rehearsa
 from finetune.segmenter import Segmenter, build_network, train_segmenter
 from shards.build import build_corpus
 from shards.config import load_corpus_config
+from shards.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "finetune" / "tiny.yaml"
@@ -52,6 +53,38 @@ def test_corpus_pairs_shuffle_shards_repeat_and_filter(corpus: Path) -> None:
     assert all(next(xca)[0].ndim == 2 for _ in range(8))  # xca is grey; fundus would be colour
     with pytest.raises(ValueError, match="no samples of modality"):
         next(corpus_pairs(corpus, seed=0, modalities={"ultrasound"}))
+
+
+def test_a_corpus_config_streams_the_pairs_its_built_shards_hold(corpus: Path, tmp_path: Path) -> None:
+    """The config a corpus was built from, given instead of the folder, streams the same arrays in the same
+    order (made by the engine on the fly), filtered by modality alike; a bad config is refused by name."""
+    config = tmp_path / "corpus.yaml"
+    config.write_text(yaml.safe_dump(load_manifest(corpus).config, sort_keys=False))
+    for seed, modalities in ((0, None), (1003, None), (0, {"xca", "mra"})):
+        from_shards, from_engine = (
+            corpus_pairs(corpus, seed, modalities),
+            corpus_pairs(config, seed, modalities),
+        )
+        for _ in range(40):  # 30 samples: past the end of the first pass into the second shard order
+            (image, mask), (image_e, mask_e) = next(from_shards), next(from_engine)
+            assert image.dtype == image_e.dtype and np.array_equal(image, image_e)
+            assert np.array_equal(mask, mask_e)
+    with pytest.raises(ValueError, match=r"corpus.yaml: no samples of modality \['ultrasound'\]"):
+        next(corpus_pairs(config, seed=0, modalities={"ultrasound"}))
+    one_modality = tmp_path / "octa_only.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["engine"]["modalities"] = {"octa": 1.0, "xca": 0.0}
+    one_modality.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"no samples of modality \['xca'\]; it holds \['octa'\]"):
+        corpus_pairs(one_modality, seed=0, modalities={"xca"})
+    # so `univg segmenter-pretrain --shards CONFIG.yaml` trains the same weights as on the built corpus
+    cfg = load_finetune_config(TINY, ["segmenter.optim.max_steps=3"])
+    models = [
+        pretrain_segmenter(src, tmp_path / f"pre_{k}", cfg, progress=False)
+        for k, src in enumerate((corpus, config))
+    ]
+    weights = [Segmenter.load(m).network.state_dict() for m in models]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 def test_pretrained_weights_are_where_training_starts(pretrained: Path) -> None:
@@ -206,8 +239,12 @@ def test_rehearsal_in_a_run_and_its_bad_input(corpus: Path, pretrained: Path, tm
     run_finetune(task, tmp_path / "run", cfg, resume=True, progress=False)  # finished: trains nothing
     log = (tmp_path / "run" / "finetune.log").read_text()
     assert "done already" in log and log.count("univg rehearses") == 1  # and says no rehearsal either
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\nnum_samplez: 10\n")
     for bad, message in (
         (f"rehearsal.corpus={tmp_path / 'nothing'}", "not a shard corpus"),
+        (f"rehearsal.corpus={typo}", "typo.yaml: not a corpus config .*num_samplez"),
+        (f"rehearsal.corpus={tmp_path / 'none.yaml'}", "none.yaml: not a corpus config"),
         ("rehearsal.modalities=[ultrasound]", r"holds no \['ultrasound'\]"),
     ):
         wrong = load_finetune_config(TINY, [*base, f"rehearsal.corpus={corpus}", bad])

@@ -110,6 +110,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
+        if value is None:  # `key:` in YAML, `key=` on the command line: the empty string
+            return ""
         raise ConfigError(f"{key} must be a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 

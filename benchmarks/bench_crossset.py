@@ -1,8 +1,7 @@
 """Shots from one set, scored on another: univg against the augmentation-only baseline for every ordered pair
 of sets (`univg finetune --task A --eval-task B` underneath), as a Dice matrix.
 
-    python benchmarks/bench_crossset.py --out runs/crossset --jobs 2 \
-        pretrained_segmenter=$PWD/runs/seg_univg58k/model rehearsal.corpus=data/shards/univg58k
+    python benchmarks/bench_crossset.py --out runs/crossset --jobs 2   # univg from the shipped start
     python benchmarks/bench_crossset.py --sets DRIVE,CHASE_DB1 --data /path/to/sets --out runs/fundus_x
     python benchmarks/bench_crossset.py --out runs/crossset --report-only       # tables of finished runs
 

@@ -2,16 +2,17 @@
 `pretrained_segmenter` runs of univg should also be held against (the `full` and `baseline` methods of
 `univg finetune` always start from scratch).
 
-    python benchmarks/bench_full_pretrained.py --model runs/seg_univg58k/model --out runs/full_pretrained
-    python benchmarks/bench_full_pretrained.py --model runs/seg_univg58k/model --out runs/base_pretrained \
-        --baseline-shots 1,5 --draws 3
+    python benchmarks/bench_full_pretrained.py --model weights/segmenter-univg58k-cpu-fast \
+        --out runs/full_pretrained
+    python benchmarks/bench_full_pretrained.py --model weights/segmenter-univg58k-cpu-fast \
+        --out runs/base_pretrained --baseline-shots 1,5 --draws 3
 
 Per set of ../shared/data (absent ones skipped), the profile's segmenter and budget, the weights of --model
 as the start, scored on the test split like `univg finetune` scores. Without --baseline-shots: every train
 label (run folder `<out>/<set>/full_pretrained`). With it: the real shots alone, with the standard
 augmentation and no synthetic pairs, on the same draws as `univg finetune --shots K` (`<out>/<set>/
 baseline_pretrained_shots_<K>/draw_<d>`): what pretraining gives without the engine's synthesis from the
-shots. With `rehearsal.corpus=<shards>` among the overrides, the baselines also rehearse that corpus
+shots. With `rehearsal.corpus=<corpus>` among the overrides (not the profile's), the baselines rehearse it
 (`<out>/<set>/baseline_pretrained_rehearsal_shots_<K>/draw_<d>`): corpus pairs make up the same share of each
 batch as in univg with rehearsal (patch.synthetic_fraction x rehearsal.share), the rest are the shots, so
 the difference to univg is the synthesis from the shots alone. Prints the Dice per run and, for baselines,
@@ -64,7 +65,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg = load_finetune_config(profile_path(args.profile), [*args.overrides, "split.num_draws=1"])
+    # rehearsal only when asked for here (the cpu-fast profile turns it on for univg)
+    cfg = load_finetune_config(
+        profile_path(args.profile), ["rehearsal.corpus=", *args.overrides, "split.num_draws=1"]
+    )
     init = Path(args.model).resolve()
     shot_counts = [int(k) for k in args.baseline_shots.split(",") if k]
     if args.compare is not None and not (args.compare / "fewshot.json").is_file():

@@ -1,7 +1,7 @@
 """Test images at another scale than the shots: saved few-shot segmenters scored on the test split resized.
 
     python benchmarks/bench_scale.py --runs runs/bench_fewshot --scales 0.5,0.7,1,1.4,2 \
-        --start runs/seg_univg58k/model
+        --start weights/segmenter-univg58k-cpu-fast
 
 A new set of the same modality often differs from the shots' set first in pixel size (a camera of another
 resolution, another field of view on the same sensor), so its vessels are wider or thinner in pixels than the

@@ -1,6 +1,6 @@
 """Zero-shot Dice of a segmenter on the real sets: no real label seen, threshold fixed (0.5 by default).
 
-    python benchmarks/bench_zeroshot.py --model runs/seg_univg58k/model
+    python benchmarks/bench_zeroshot.py --model weights/segmenter-univg58k-cpu-fast
 
 Meant for a segmenter pretrained on the engine corpus alone (`univg segmenter-pretrain`): how far the
 synthetic pairs get before any shot. Scores each set's test split from ../shared/data (skips sets that are

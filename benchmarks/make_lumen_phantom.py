@@ -1,8 +1,7 @@
 """A generated stress task: one artery lumen per ultrasound-like frame, with an unlabelled vein beside it.
 
     python benchmarks/make_lumen_phantom.py --out /tmp/lumen_task
-    univg finetune --task /tmp/lumen_task/pairs.csv --shots 5 --out runs/lumen \
-        pretrained_segmenter=runs/seg_univg58k/model rehearsal.corpus=data/shards/univg58k
+    univg finetune --task /tmp/lumen_task/pairs.csv --shots 5 --out runs/lumen
 
 Not a real set and no stand-in for one: a phantom for two things the three real sets never show. Its
 vessels are cut across (a round lumen 30-60 px wide, as a transverse ultrasound frame shows a carotid),

@@ -276,7 +276,10 @@ def train_and_evaluate(
     eval_summary = folder / "eval" / SUMMARY_FILE
     if eval_summary.is_file():
         log.info("%s: done already (%s)", folder.name, eval_summary)
-        return dict(json.loads(eval_summary.read_text()))
+        done = dict(json.loads(eval_summary.read_text()))
+        # where they are now: a finished run moved or renamed since still resumes and summarises
+        done.update(model=str(folder / "model"), predictions=str(folder / "eval" / PRED_DIR))
+        return done
     model_dir = folder / "model"
     if (model_dir / "config.json").is_file():
         segmenter = Segmenter.load(model_dir)

@@ -135,6 +135,14 @@ def test_resume_after_an_interrupted_stage(task_csv: Path, tmp_path: Path) -> No
     again = json.loads((out / "summary.json").read_text())
     assert again["methods"]["baseline"]["dice"] == first["methods"]["baseline"]["dice"]
     assert again["methods"]["univg"]["dice"] == first["methods"]["univg"]["dice"]
+    # a finished run moved elsewhere resumes there and summarises its own folders
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    (moved / "summary.json").unlink()
+    run_finetune(task_csv, moved, cfg, resume=True, progress=False)
+    there = json.loads((moved / "summary.json").read_text())
+    assert there["methods"]["univg"]["dice"] == first["methods"]["univg"]["dice"]
+    assert there["methods"]["univg"]["eval"] == ["draw_0/univg/eval"]
 
 
 def test_overwrite_replaces_a_run_but_never_a_foreign_folder(task_csv: Path, tmp_path: Path) -> None:

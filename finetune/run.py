@@ -849,6 +849,13 @@ def _summarise(
                 "methods": started,
                 "peak_lr": optim.pretrained_lr or optim.lr,
             },
+            "rehearsal": None  # corpus pairs mixed into the synthetic stream of univg and univg_gen
+            if not (cfg.rehearsal.corpus and {"univg", "univg_gen"} & set(methods))
+            else {
+                "corpus": cfg.rehearsal.corpus,
+                "share": cfg.rehearsal.share,
+                "modalities": list(cfg.rehearsal.modalities),
+            },
         },
         "synthetic_pairs_per_draw": cfg.synthesis.num_pairs if "univg" in methods else 0,
         "methods": methods,
@@ -914,18 +921,28 @@ _METHOD_NOTES = {
 
 
 def start_line(segmenter: dict[str, Any]) -> str:
-    """Where each method's training starts and at which peak rate (summary.json's segmenter block)."""
+    """Where each method's training starts and at which peak rate, and what univg rehearses (summary.json's
+    segmenter block)."""
     lr = segmenter.get("lr")
     start = segmenter.get("pretrained_start")
     if lr is None:  # a summary from before the rates were recorded
         return "Starting weights: not recorded."
     if not start:
-        return f"Every method starts from random weights, peak lr {lr:g}."
-    verb = "starts" if len(start["methods"]) == 1 else "start"
-    return (
-        f"{' and '.join(start['methods'])} {verb} from the pretrained segmenter `{start['weights']}` at "
-        f"peak lr {start['peak_lr']:g}; the other methods from random weights at {lr:g}."
-    )
+        line = f"Every method starts from random weights, peak lr {lr:g}."
+    else:
+        verb = "starts" if len(start["methods"]) == 1 else "start"
+        line = (
+            f"{' and '.join(start['methods'])} {verb} from the pretrained segmenter `{start['weights']}` at "
+            f"peak lr {start['peak_lr']:g}; the other methods from random weights at {lr:g}."
+        )
+    rehearsal = segmenter.get("rehearsal")
+    if rehearsal:
+        modalities = ", ".join(rehearsal["modalities"]) or "every modality"
+        line += (
+            f" {100 * rehearsal['share']:.0f}% of the synthetic pairs are pairs of the corpus "
+            f"`{rehearsal['corpus']}` ({modalities}; rehearsal, against forgetting what it taught)."
+        )
+    return line
 
 
 def _write_report(summary: dict[str, Any], out: Path) -> None:

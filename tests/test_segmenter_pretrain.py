@@ -236,6 +236,15 @@ def test_rehearsal_in_a_run_and_its_bad_input(corpus: Path, pretrained: Path, tm
     assert saved["rehearsal"]["corpus"] == str(corpus) and saved["rehearsal"]["modalities"] == ["fundus"]
     log = (tmp_path / "run" / "finetune.log").read_text()
     assert "draw 0: univg rehearses 25% corpus pairs (fundus)" in log
+    assert summary["segmenter"]["rehearsal"] == {
+        "corpus": str(corpus),
+        "share": 0.25,
+        "modalities": ["fundus"],
+    }
+    assert (
+        f"25% of the synthetic pairs are pairs of the corpus `{corpus}` (fundus;"
+        in (tmp_path / "run" / "report.md").read_text()
+    )
     run_finetune(task, tmp_path / "run", cfg, resume=True, progress=False)  # finished: trains nothing
     log = (tmp_path / "run" / "finetune.log").read_text()
     assert "done already" in log and log.count("univg rehearses") == 1  # and says no rehearsal either

@@ -20,13 +20,17 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
 from finetune.config import FinetuneConfig, load_finetune_config
 from univg.config import to_dict
+
+if TYPE_CHECKING:
+    from shards.config import CorpusConfig
+    from shards.manifest import Manifest
 
 log = logging.getLogger("univg.segmenter_pretrain")
 
@@ -61,7 +65,7 @@ def corpus_pairs(source: str | Path, seed: int, modalities: set[str] | None = No
     return stream
 
 
-def _shard_pairs(folder: Path, manifest: Any, seed: int, modalities: set[str] | None) -> Iterator[tuple]:
+def _shard_pairs(folder: Path, manifest: Manifest, seed: int, modalities: set[str] | None) -> Iterator[tuple]:
     from shards.schema import META, decode_sample, iter_samples_bytes
 
     rng = np.random.default_rng(seed)
@@ -76,7 +80,7 @@ def _shard_pairs(folder: Path, manifest: Any, seed: int, modalities: set[str] | 
                 yield sample.image, sample.mask
 
 
-def _engine_pairs(cfg: Any, seed: int, modalities: set[str] | None) -> Iterator[tuple]:
+def _engine_pairs(cfg: CorpusConfig, seed: int, modalities: set[str] | None) -> Iterator[tuple]:
     from data_engine.corpus import make_sample, modality_of
 
     rng = np.random.default_rng(seed)  # the shards' order, drawn as _shard_pairs draws it

@@ -457,12 +457,16 @@ class _WithRehearsal:
 
 
 def checkout_path(value: str) -> str:
-    """A path a config names: as given when it exists from the working folder (or is absolute or empty),
-    else the univg checkout's own file of that name when there is one (the profiles name the shipped start
-    and corpus config relative to the checkout, so a run started from any folder finds them)."""
-    if not value or Path(value).is_absolute() or Path(value).exists() or not (ROOT / value).exists():
+    """A path a config names, made absolute (so a run resumed from another folder reads the same file):
+    from the working folder when it exists there, else the univg checkout's own file of that name when there
+    is one (the profiles name the shipped start and corpus config relative to the checkout, so a run started
+    from any folder finds them). Empty and absolute values are kept; one found nowhere is named as given,
+    for the check that reads it to report."""
+    if not value or Path(value).is_absolute():
         return value
-    return str(ROOT / value)
+    if Path(value).exists():
+        return str(Path.cwd() / value)
+    return str(ROOT / value) if (ROOT / value).exists() else value
 
 
 def with_checkout_paths(cfg: FinetuneConfig) -> FinetuneConfig:

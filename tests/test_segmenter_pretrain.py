@@ -288,3 +288,21 @@ def test_pretrained_lr_is_the_peak_rate_from_a_pretrained_start_only(pretrained:
     assert scratch_lr == 1e-3 and same(scratch, weights(["segmenter.optim.lr=1e-3"], None)[0])
     with pytest.raises(ValueError, match="pretrained_lr"):
         load_finetune_config(TINY, ["segmenter.optim.pretrained_lr=-1"])
+
+
+def test_a_checkout_corpus_config_rehearses_and_resumes_from_any_folder(
+    pretrained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rehearsal.corpus=configs/corpus/tiny.yaml (the checkout's, as the cpu-fast profile names its own):
+    found from another working folder, saved as an absolute path, so the run resumes from the checkout too."""
+    task = write_task(tmp_path / "task", ["train"] * 3 + ["test"] * 2, size=(56, 64), colour=True)
+    over = [f"pretrained_segmenter={pretrained}", "split.num_draws=1", "methods=[univg]"]
+    cfg = load_finetune_config(TINY, [*over, "rehearsal.corpus=configs/corpus/tiny.yaml"])
+    monkeypatch.chdir(tmp_path)
+    run_finetune(task, tmp_path / "run", cfg, progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["rehearsal"]["corpus"] == str(ROOT / "configs" / "corpus" / "tiny.yaml")
+    assert "rehearses 25% corpus pairs (every modality)" in (tmp_path / "run" / "finetune.log").read_text()
+    monkeypatch.chdir(ROOT)
+    summary = run_finetune(task, tmp_path / "run", cfg, resume=True, progress=False)
+    assert summary["segmenter"]["rehearsal"]["corpus"] == saved["rehearsal"]["corpus"]

@@ -32,7 +32,8 @@ def test_the_profile_finds_its_start_and_rehearsal_corpus_from_any_folder(
     load_initial_weights(Path(found.pretrained_segmenter), found.segmenter)  # the profile's own network
     # a path that exists from the working folder is that one; empty (from scratch) and unknown stay as given
     (tmp_path / "weights" / "segmenter-univg58k-cpu-fast").mkdir(parents=True)
-    assert checkout_path("weights/segmenter-univg58k-cpu-fast") == "weights/segmenter-univg58k-cpu-fast"
+    own = checkout_path("weights/segmenter-univg58k-cpu-fast")
+    assert own == str(tmp_path / "weights" / "segmenter-univg58k-cpu-fast")
     assert checkout_path("") == "" and checkout_path("no/such/start") == "no/such/start"
     scratch = with_checkout_paths(
         load_finetune_config(CPU_FAST, ["pretrained_segmenter=", "rehearsal.corpus="])

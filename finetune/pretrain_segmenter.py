@@ -113,10 +113,10 @@ def pretrain_segmenter(
 
     out = Path(out)
     model_dir = _refuse_existing(out)
+    pairs = corpus_pairs(shards_dir, cfg.segmenter.seed, modalities)  # a bad corpus stops before any write
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump({"segmenter": to_dict(cfg.segmenter)}, sort_keys=False))
     started = time.perf_counter()
-    pairs = corpus_pairs(shards_dir, cfg.segmenter.seed, modalities)
     segmenter = train_segmenter(cfg.segmenter, [], synthetic=pairs, progress=progress)
     segmenter.record["pretrained_on"] = str(Path(shards_dir).resolve())
     segmenter.save(model_dir)
@@ -146,20 +146,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.run import profile_path
+    from finetune.run import checkout_path, profile_path
 
     _refuse_existing(Path(args.out))  # before the config is read, so a finished folder is named first
     cfg = load_finetune_config(
         profile_path(args.profile), [*args.overrides, f"segmenter.optim.max_steps={args.steps}"]
     )
+    shards = checkout_path(args.shards)  # configs/corpus/univg58k.yaml is found from any folder
+    modalities = set(args.modalities.split(",")) if args.modalities else None
+    corpus_pairs(shards, cfg.segmenter.seed, modalities)  # a bad corpus stops before the log file is made
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     handler = logging.FileHandler(out / "pretrain.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
-    modalities = set(args.modalities.split(",")) if args.modalities else None
-    pretrain_segmenter(args.shards, out, cfg, modalities, progress=not args.no_progress)
+    pretrain_segmenter(shards, out, cfg, modalities, progress=not args.no_progress)
     return 0
 
 

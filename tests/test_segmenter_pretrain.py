@@ -183,6 +183,21 @@ def test_cli(corpus: Path, tmp_path: Path) -> None:
     assert json.loads((out / "model" / "config.json").read_text())["record"]["history"][-1]["step"] == 2
     again = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "exists" in again.stderr
+    # a corpus that is not one, or lacks the asked modality: a clear error and no folder written
+    for shards, more, message in (
+        (tmp_path / "nothing", [], "manifest"),
+        (ROOT / "configs" / "corpus" / "demo.yaml", ["--modalities", "fundus"], "no samples of modality"),
+    ):
+        bad_out = tmp_path / "bad"
+        bad = [sys.executable, "-m", "univg.cli", "segmenter-pretrain", "--shards", str(shards)]
+        failed = subprocess.run(
+            [*bad, "--out", str(bad_out), "--profile", "tiny", *more],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert failed.returncode != 0 and message in failed.stderr, failed.stderr
+        assert not bad_out.exists()
 
 
 def test_rehearsal_mixes_corpus_pairs_into_the_synthetic_stream(corpus: Path) -> None:

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -56,6 +56,9 @@ from finetune.metrics import METRICS
 from finetune.sampler import check_scale
 from finetune.split import Split, draw_split, score_on, spread, unlabelled_cases, write_split
 from univg.config import add_config_options, cli_overrides, to_dict
+
+if TYPE_CHECKING:
+    from finetune.segmenter import Segmenter
 
 log = logging.getLogger("univg.finetune")
 
@@ -246,40 +249,22 @@ def _close_logging(handlers: list[logging.Handler]) -> None:
 # --- stages ---
 
 
-def train_and_evaluate(
+def train_model(
     cfg: FinetuneConfig,
-    task: Task,
     loaded: dict[str, LoadedCase],
     train_names: list[str],
-    eval_names: list[str],
     synthetic: Any,
     folder: Path,
-    info: dict[str, Any],
+    method: str,
     progress: bool,
     init_from: str | Path | None = None,
     unlabelled: Sequence[UnlabelledImage] = (),
     pseudo_from: Sequence[UnlabelledImage] = (),
-    scored_task: Task | None = None,
-    eval_scale: float = 1.0,
-) -> dict[str, Any]:
-    """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
-    `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: (image, FOV) of
-    the images, without labels, that the "area" threshold rule predicts. `pseudo_from`: (image, FOV) of the
-    images, without labels, that self-training labels (segmenter.pseudo). `scored_task`: the task
-    eval_names are cases of, when not `task` (--eval-task). `eval_scale`: each scored image is resized by it
-    for the network (Segmenter.predict_proba's scale) and its mask comes back at the image's own size."""
-    import cv2
-
-    from finetune.evaluate import evaluate_cases
+) -> tuple[Segmenter, Path]:
+    """Train one segmenter into folder/model (or load it when it is there), with its threshold set by the
+    profile's rule; returns it and its folder. The arguments are train_and_evaluate's."""
     from finetune.segmenter import Segmenter, train_segmenter
 
-    eval_summary = folder / "eval" / SUMMARY_FILE
-    if eval_summary.is_file():
-        log.info("%s: done already (%s)", folder.name, eval_summary)
-        done = dict(json.loads(eval_summary.read_text()))
-        # where they are now: a finished run moved or renamed since still resumes and summarises
-        done.update(model=str(folder / "model"), predictions=str(folder / "eval" / PRED_DIR))
-        return done
     model_dir = folder / "model"
     if (model_dir / "config.json").is_file():
         segmenter = Segmenter.load(model_dir)
@@ -287,7 +272,7 @@ def train_and_evaluate(
     else:
         real = [loaded[n] for n in train_names]
         seg_cfg = cfg.segmenter
-        if seg_cfg.pseudo.enabled and info.get("method") not in seg_cfg.pseudo.methods:
+        if seg_cfg.pseudo.enabled and method not in seg_cfg.pseudo.methods:
             # a method that does not self-train by design (the baseline, full supervision): its record says
             # so, and its log carries no "no unlabelled image" warning meant for a self-training method
             seg_cfg = replace(seg_cfg, pseudo=replace(seg_cfg.pseudo, enabled=False))
@@ -327,6 +312,54 @@ def train_and_evaluate(
             segmenter.record["threshold_source"],
             time.perf_counter() - started,
         )
+    return segmenter, model_dir
+
+
+def train_and_evaluate(
+    cfg: FinetuneConfig,
+    task: Task,
+    loaded: dict[str, LoadedCase],
+    train_names: list[str],
+    eval_names: list[str],
+    synthetic: Any,
+    folder: Path,
+    info: dict[str, Any],
+    progress: bool,
+    init_from: str | Path | None = None,
+    unlabelled: Sequence[UnlabelledImage] = (),
+    pseudo_from: Sequence[UnlabelledImage] = (),
+    scored_task: Task | None = None,
+    eval_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Train one segmenter (unless folder/model exists), score it on eval_names; returns the eval summary.
+    `init_from`: a segmenter folder whose weights the training starts from. `unlabelled`: (image, FOV) of
+    the images, without labels, that the "area" threshold rule predicts. `pseudo_from`: (image, FOV) of the
+    images, without labels, that self-training labels (segmenter.pseudo). `scored_task`: the task
+    eval_names are cases of, when not `task` (--eval-task). `eval_scale`: each scored image is resized by it
+    for the network (Segmenter.predict_proba's scale) and its mask comes back at the image's own size."""
+    import cv2
+
+    from finetune.evaluate import evaluate_cases
+
+    eval_summary = folder / "eval" / SUMMARY_FILE
+    if eval_summary.is_file():
+        log.info("%s: done already (%s)", folder.name, eval_summary)
+        done = dict(json.loads(eval_summary.read_text()))
+        # where they are now: a finished run moved or renamed since still resumes and summarises
+        done.update(model=str(folder / "model"), predictions=str(folder / "eval" / PRED_DIR))
+        return done
+    segmenter, model_dir = train_model(
+        cfg,
+        loaded,
+        train_names,
+        synthetic,
+        folder,
+        str(info.get("method")),
+        progress,
+        init_from,
+        unlabelled,
+        pseudo_from,
+    )
     scored_task = task if scored_task is None else scored_task
     by_name = {c.name: c for c in scored_task.cases}
     cases: list[Case] = [by_name[n] for n in eval_names]

@@ -4,6 +4,7 @@
     univg shards verify|preview|stats DIR
     univg pretrain --config configs/pretrain/tiny.yaml [--resume auto] [dotted overrides]
     univg finetune --task my_task/pairs.csv --shots 5 --out runs/my_task [--profile cpu-fast|gpu]
+    univg fit --task my_task/ --out models/my_task [--unlabelled DIR]   # the model to keep, all labels
     univg segment --model runs/my_task --images DIR --out DIR;  univg evaluate --pred DIR --task T
     univg demo [--out runs/demo] [--quick]    # all of it at toy scale on a CPU
 
@@ -22,6 +23,7 @@ _COMMANDS = {
     "shards": ("shards.cli", "build, verify, preview, inspect and merge WebDataset shard corpora"),
     "pretrain": ("pretrain.cli", "train the mask- and modality-conditioned diffusion generator (DeepSpeed)"),
     "finetune": ("finetune.run", "few-shot segmentation: shots -> synthesis -> segmenters -> report"),
+    "fit": ("finetune.fit", "train the segmenter to keep on every label of a task (nothing held out)"),
     "segmenter-pretrain": (
         "finetune.pretrain_segmenter",
         "pretrain a segmenter on a shard corpus, as the starting point of few-shot runs",

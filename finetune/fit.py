@@ -25,8 +25,8 @@ from typing import Any
 
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.run import (
-    _close_logging,
     check_rehearsal,
+    close_logging,
     load_cases,
     load_unlabelled,
     prepare_run_dir,
@@ -149,7 +149,7 @@ def fit(
         )
         return model_dir
     finally:
-        _close_logging(handlers)
+        close_logging(handlers)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

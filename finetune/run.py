@@ -237,7 +237,8 @@ def setup_logging(out: Path) -> list[logging.Handler]:
     return handlers
 
 
-def _close_logging(handlers: list[logging.Handler]) -> None:
+def close_logging(handlers: list[logging.Handler]) -> None:
+    """Detach and close the handlers setup_logging attached."""
     for name in ("univg.finetune", "finetune", "data_engine"):
         logger = logging.getLogger(name)
         for h in handlers:
@@ -825,7 +826,7 @@ def run_finetune(
         log.info("wrote %s, report.md, comparison.png (%.0f s)", out / SUMMARY_FILE, summary["wall_s"])
         return summary
     finally:
-        _close_logging(handlers)
+        close_logging(handlers)
 
 
 def _summarise(

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -48,21 +48,31 @@ def corpus_pairs(source: str | Path, seed: int, modalities: set[str] | None = No
     as reading the built corpus (its PNGs are lossless and sample i is a pure function of the config), for
     a few ms of CPU per 512 px pair and no disk.
     """
+    corpus, held = _open(source)
+    unknown = (modalities or set()) - held
+    if unknown:
+        raise ValueError(f"{source}: no samples of modality {sorted(unknown)}; it holds {sorted(held)}")
+    if is_corpus_config(source):
+        return _engine_pairs(corpus, seed, modalities)
+    return _shard_pairs(Path(source), corpus, seed, modalities)
+
+
+def corpus_modalities(source: str | Path) -> set[str]:
+    """The modalities a corpus source (as corpus_pairs takes it) holds; OSError, ValueError or KeyError
+    when it is no readable corpus."""
+    return _open(source)[1]
+
+
+def _open(source: str | Path) -> tuple[Any, set[str]]:
+    """(the corpus config or the shard manifest, the modalities it holds)."""
     from shards.config import load_corpus_config
     from shards.manifest import load_manifest
 
     if is_corpus_config(source):
         cfg = load_corpus_config(source)
-        held = {m for m, share in cfg.engine.modalities.items() if share > 0}
-        stream = _engine_pairs(cfg, seed, modalities)
-    else:
-        manifest = load_manifest(source)
-        held = set(manifest.modalities)
-        stream = _shard_pairs(Path(source), manifest, seed, modalities)
-    unknown = (modalities or set()) - held
-    if unknown:
-        raise ValueError(f"{source}: no samples of modality {sorted(unknown)}; it holds {sorted(held)}")
-    return stream
+        return cfg, {m for m, share in cfg.engine.modalities.items() if share > 0}
+    manifest = load_manifest(source)
+    return manifest, set(manifest.modalities)
 
 
 def _shard_pairs(folder: Path, manifest: Manifest, seed: int, modalities: set[str] | None) -> Iterator[tuple]:

@@ -515,16 +515,10 @@ def check_rehearsal(cfg: FinetuneConfig) -> None:
     r = cfg.rehearsal
     if not r.corpus:
         return
-    from finetune.pretrain_segmenter import is_corpus_config
-    from shards.config import load_corpus_config
-    from shards.manifest import load_manifest
+    from finetune.pretrain_segmenter import corpus_modalities, is_corpus_config
 
     try:
-        if is_corpus_config(r.corpus):
-            engine = load_corpus_config(r.corpus).engine
-            held = sorted(m for m, share in engine.modalities.items() if share > 0)
-        else:
-            held = sorted(load_manifest(r.corpus).modalities)
+        held = sorted(corpus_modalities(r.corpus))
     except (OSError, ValueError, KeyError) as e:  # a bad config raises ConfigError, a ValueError
         kind = "corpus config" if is_corpus_config(r.corpus) else "shard corpus"
         raise ValueError(f"rehearsal.corpus={r.corpus}: not a {kind} ({e})") from e

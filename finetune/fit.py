@@ -25,7 +25,7 @@ from typing import Any
 
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.run import (
-    check_rehearsal,
+    checked_start,
     close_logging,
     load_cases,
     load_unlabelled,
@@ -35,7 +35,6 @@ from finetune.run import (
     setup_logging,
     synthesize,
     train_model,
-    with_checkout_paths,
     with_rehearsal,
 )
 from finetune.split import Split, spread
@@ -56,15 +55,11 @@ def fit(
 ) -> Path:
     """`univg fit` as a function (module docstring); returns the model folder."""
     from data_engine.ingest import read_task
-    from finetune.segmenter import load_initial_weights
 
     out = Path(out)
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the fit before it writes anything
-    cfg = with_checkout_paths(cfg)
-    check_rehearsal(cfg)
-    if cfg.pretrained_segmenter:
-        load_initial_weights(Path(cfg.pretrained_segmenter), cfg.segmenter)
+    cfg, init = checked_start(cfg, started_methods=["univg"])
     task = read_task(task_path)
     labelled = [c.name for c in task.cases if c.split != "test"]
     if cases is not None:
@@ -74,7 +69,8 @@ def fit(
         in_test = sorted(set(cases) - set(labelled))
         if in_test:
             raise ValueError(f"{task_path}: case(s) {', '.join(in_test)} are in the test split: held out")
-        labelled = [n for n in labelled if n in set(cases)]
+        named = set(cases)
+        labelled = [n for n in labelled if n in named]
     if not labelled:
         raise ValueError(f"{task_path}: no labelled case outside the test split to train on")
     split = Split(
@@ -94,7 +90,8 @@ def fit(
     unlabelled_from = None
     if unlabelled_path is not None:
         unlabelled_from, images = read_unlabelled(unlabelled_path, set())
-        shots = {c.image_path.resolve() for c in task.cases if c.name in set(labelled)}
+        trained = set(labelled)
+        shots = {c.image_path.resolve() for c in task.cases if c.name in trained}
         names = [name for name, image in images if image not in shots]
         if infer.tune_threshold and infer.threshold_rule == "area":
             area_names = spread(names, infer.area_images)
@@ -125,7 +122,6 @@ def fit(
             out / "model",
         )
         synthetic = synthesize(cfg, loaded, split, out / "synthetic", 0, progress)
-        init = Path(cfg.pretrained_segmenter).resolve() if cfg.pretrained_segmenter else None
         segmenter, model_dir = train_model(
             cfg,
             loaded,

@@ -509,6 +509,21 @@ def with_checkout_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     return replace(cfg, pretrained_segmenter=checkout_path(cfg.pretrained_segmenter), rehearsal=rehearsal)
 
 
+def checked_start(cfg: FinetuneConfig, started_methods: Sequence[str]) -> tuple[FinetuneConfig, Path | None]:
+    """cfg with its start and rehearsal paths looked up (with_checkout_paths), its rehearsal corpus checked,
+    and the pretrained start's folder, read and checked to be this run's network, or None when there is no
+    start or none of started_methods (univg, univg_gen) runs. ValueError before anything is written."""
+    cfg = with_checkout_paths(cfg)
+    check_rehearsal(cfg)
+    if not cfg.pretrained_segmenter or not {"univg", "univg_gen"} & set(started_methods):
+        return cfg, None
+    from finetune.segmenter import load_initial_weights
+
+    init = Path(cfg.pretrained_segmenter).resolve()
+    load_initial_weights(init, cfg.segmenter)
+    return cfg, init
+
+
 def check_rehearsal(cfg: FinetuneConfig) -> None:
     """The rehearsal corpus is a readable shard corpus, or a corpus config, holding the asked modalities
     (ValueError if not)."""
@@ -617,15 +632,8 @@ def run_finetune(
     started = time.perf_counter()
     # everything read and checked first: a bad input stops the run before it writes anything
     check_scale(eval_scale, "--eval-scale")
-    cfg = with_checkout_paths(cfg)
+    cfg, init = checked_start(cfg, started_methods=cfg.methods)
     generator = resolve_generator(generator_dir, cfg)
-    check_rehearsal(cfg)
-    init = None
-    if cfg.pretrained_segmenter and {"univg", "univg_gen"} & set(cfg.methods):
-        from finetune.segmenter import load_initial_weights
-
-        init = Path(cfg.pretrained_segmenter).resolve()
-        load_initial_weights(init, cfg.segmenter)  # readable, and the same network: checked before any write
     task = read_task(task_path)
     scored = task if eval_task_path is None else read_task(eval_task_path)
     splits = plan_splits(

@@ -252,6 +252,9 @@ class InferConfig:
     # test-time mirroring (nnU-Net's): average the probabilities of the image and its horizontal, vertical
     # and double flips; 4x the inference time
     flip_tta: bool = False
+    # and the same views of the image turned by 90 degrees (with flip_tta: all 8 symmetries of the square,
+    # which patch training's mirror and rot90 augmentation teaches); twice the inference time again
+    rot90_tta: bool = False
 
     def __post_init__(self) -> None:
         if self.window_size_px < 0:

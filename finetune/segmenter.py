@@ -19,6 +19,7 @@ H x W image (px).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -185,9 +186,11 @@ class Segmenter:
             flips: list[tuple[int, ...]] = [()]
             if self.cfg.infer.flip_tta:
                 flips += [(3,), (2,), (2, 3)]  # horizontal, vertical, both
+            turns = [0, 1] if self.cfg.infer.rot90_tta else [0]  # quarter turns, each with every flip
             prob_11HW = torch.zeros_like(x_13HW[:, :1], dtype=torch.float32)
-            for dims in flips:
-                x = torch.flip(x_13HW, dims) if dims else x_13HW
+            for turn, dims in itertools.product(turns, flips):
+                x = torch.rot90(x_13HW, turn, (2, 3)) if turn else x_13HW
+                x = torch.flip(x, dims) if dims else x
                 logits_11HW = sliding_window_inference(
                     x,
                     roi_size=(window, window),
@@ -200,8 +203,9 @@ class Segmenter:
                 )
                 assert isinstance(logits_11HW, torch.Tensor)
                 prob = torch.sigmoid(logits_11HW.float())
-                prob_11HW += torch.flip(prob, dims) if dims else prob
-            prob_11HW /= len(flips)
+                prob = torch.flip(prob, dims) if dims else prob
+                prob_11HW += torch.rot90(prob, -turn, (2, 3)) if turn else prob
+            prob_11HW /= len(turns) * len(flips)
         prob_HW = prob_11HW[0, 0].cpu().numpy()
         if prob_HW.shape != original_hw:
             prob_HW = cv2.resize(prob_HW, (original_hw[1], original_hw[0]), interpolation=cv2.INTER_LINEAR)
@@ -457,11 +461,12 @@ def _pseudo_label(
     the one best on the shots at this moment (choose_threshold), or with pseudo.threshold_rule "area" the one
     at which the images' vessel fraction equals the shots' labelled fraction (area_threshold, class-balanced
     self-training: the labels then carry the task's share of vessel); pixels outside an image's FOV are
-    background. Mirrored averaging when cfg.pseudo.flip_tta, else one plain pass: infer.flip_tta, which is for
-    scoring, plays no part, so a saved model re-scored with or without mirroring was trained the same way.
+    background. Mirrored averaging when cfg.pseudo.flip_tta, else one plain pass: infer.flip_tta and
+    infer.rot90_tta, which are for scoring, play no part, so a saved model re-scored with or without them was
+    trained the same way.
     Returns what was done (threshold, the shots' Dice there, vessel fraction, time)."""
     started = time.perf_counter()
-    labeller = replace(cfg, infer=replace(cfg.infer, flip_tta=cfg.pseudo.flip_tta))
+    labeller = replace(cfg, infer=replace(cfg.infer, flip_tta=cfg.pseudo.flip_tta, rot90_tta=False))
     probe = Segmenter(network, labeller, cfg.infer.threshold, mixed_precision=mixed)
     shot_probs = [probe.predict_proba(image) for image, _m, _f in shots]
     shot_masks = [mask for _i, mask, _f in shots]

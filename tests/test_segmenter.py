@@ -422,6 +422,34 @@ def test_flip_tta_averages_the_mirrored_predictions() -> None:
     assert not np.allclose(got, plain.predict_proba(image), atol=1e-4)  # the network is not mirror-symmetric
 
 
+def test_rot90_tta_averages_all_eight_symmetries_of_the_square() -> None:
+    from dataclasses import replace
+
+    image, _mask, _ = real_cases(1)[0]
+    image = image[:, :-7].copy()  # not square: the turned views have the sides swapped
+    cfg = tiny_config("unet", steps=3)
+    plain = train_segmenter(cfg, real_cases(1), progress=False)
+    views = replace(cfg.infer, flip_tta=True, rot90_tta=True)
+    dihedral = Segmenter(plain.network, replace(cfg, infer=views))
+    turned_only = Segmenter(plain.network, replace(cfg, infer=replace(views, flip_tta=False)))
+    mirrored = Segmenter(plain.network, replace(cfg, infer=replace(views, rot90_tta=False)))
+    expected = []
+    for turn in (0, 1):
+        for flip_rows, flip_cols in ((False, False), (False, True), (True, False), (True, True)):
+            view = np.rot90(image, turn)
+            view = view[::-1] if flip_rows else view
+            view = view[:, ::-1] if flip_cols else view
+            prob = plain.predict_proba(np.ascontiguousarray(view))
+            prob = prob[:, ::-1] if flip_cols else prob
+            prob = prob[::-1] if flip_rows else prob
+            expected.append(np.rot90(prob, -turn))
+    got = dihedral.predict_proba(image)
+    assert got.shape == image.shape[:2]
+    np.testing.assert_allclose(got, np.mean(expected, axis=0), atol=1e-5)
+    np.testing.assert_allclose(turned_only.predict_proba(image), np.mean(expected[::4], axis=0), atol=1e-5)
+    assert not np.allclose(got, mirrored.predict_proba(image), atol=1e-4)  # the turned views add something
+
+
 def test_choose_threshold_by_hand() -> None:
     # label 1 on the left pixels; probabilities 0.3 and 0.7 on vessel, 0.2 and 0.6 on background
     prob = np.array([[0.3, 0.2], [0.7, 0.6]])

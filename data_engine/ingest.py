@@ -8,7 +8,9 @@ A task is either
 - a manifest CSV with columns `image,mask,fov,split` (extra columns ignored; paths relative to the CSV;
   `fov` may be missing or empty; `split` one of train/val/test/none, an empty split meaning none), or
 - a folder with `images/` and `masks/` (and optionally `fov/`) whose files pair up by file stem; every
-  case gets split `none`.
+  case gets split `none`. A mask or FOV file may add a suffix to its image's stem after `_`, `-` or `.`
+  (`Image_01L_1stHO.png`, `1_gt.pgm`, `im0001.ah.ppm`, `21_training_mask.gif`), as public sets name them,
+  as long as each file then has exactly one image.
 
 Case names are the image file stems; where stems repeat (CIMAT_XCA80 reuses 1..40 in train/ and test/)
 every name gets as many parent folders as it takes to tell them apart, joined by `_` (`train_1`).
@@ -146,6 +148,30 @@ def _image_files(folder: Path) -> dict[str, Path]:
 _MAX_NAMED = 5
 
 
+_SUFFIX_SEPARATORS = ("_", "-", ".")
+
+
+def _by_image_stem(files: dict[str, Path], images: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """`files` (masks or FOVs by stem) keyed by the image stem each belongs to: its own stem where an image
+    has it, else the longest image stem it extends after a separator (`Image_01L_1stHO` -> `Image_01L`).
+    Files that match no image keep their stem (the caller lists them as unpaired); two files for one image
+    are an error naming both."""
+    paired: dict[str, Path] = {}
+    for stem, path in files.items():
+        owner = stem
+        if stem not in images:
+            owners = [i for i in images if any(stem.startswith(i + sep) for sep in _SUFFIX_SEPARATORS)]
+            owner = max(owners, key=len) if owners else stem
+        if owner in paired:
+            raise ValueError(
+                f"{folder}: two files belong to the image {images[owner].name}: {paired[owner].name} and "
+                f"{path.name} (e.g. two annotators' masks); keep one, or list the pairs in a CSV "
+                "(image,mask,fov,split) and pass that instead"
+            )
+        paired[owner] = path
+    return paired
+
+
 def _read_folder(root: Path) -> Task:
     root = root.resolve()
     images_dir, masks_dir, fov_dir = root / "images", root / "masks", root / "fov"
@@ -156,6 +182,8 @@ def _read_folder(root: Path) -> Task:
         )
     images, masks = _image_files(images_dir), _image_files(masks_dir)
     fovs = _image_files(fov_dir) if fov_dir.is_dir() else {}
+    masks = _by_image_stem(masks, images, masks_dir)
+    fovs = _by_image_stem(fovs, images, fov_dir)
     problems = []
     for what, files, others, other_dir in (
         ("images without a mask", images, masks, masks_dir),
@@ -170,8 +198,8 @@ def _read_folder(root: Path) -> Task:
     if problems:
         raise ValueError(
             f"{root}: files do not pair up by stem; " + "; ".join(problems) + ". Give each mask its "
-            "image's name, or list the pairs in a CSV (image,mask,fov,split; paths relative to it) and "
-            "pass that instead"
+            "image's name (a suffix after _, - or . may follow it: Image_01L_1stHO.png for Image_01L.jpg), "
+            "or list the pairs in a CSV (image,mask,fov,split; paths relative to it) and pass that instead"
         )
     if not images:
         raise ValueError(f"{root}: {images_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")

@@ -159,8 +159,52 @@ def test_missing_task_path() -> None:
 def test_unpaired_folder_files_are_listed(tmp_path: Path) -> None:
     write_case(tmp_path, "a")
     write_case(tmp_path, "b")
-    (tmp_path / "masks" / "b.png").rename(tmp_path / "masks" / "b_gt.png")
-    with pytest.raises(ValueError, match=r"images without a mask.*b\.png.*masks without an image.*b_gt\.png"):
+    (tmp_path / "masks" / "b.png").rename(tmp_path / "masks" / "bb.png")  # no separator: not b's
+    with pytest.raises(ValueError, match=r"images without a mask.*b\.png.*masks without an image.*bb\.png"):
+        read_task(tmp_path)
+
+
+def test_folder_masks_and_fovs_may_add_a_suffix_to_the_image_stem(tmp_path: Path) -> None:
+    # as public sets name them: CHASE_DB1 Image_01L_1stHO, DCA1 1_gt, STARE im0001.ah, DRIVE 21_training_mask
+    for image, mask in (
+        ("Image_01L", "Image_01L_1stHO"),
+        ("1", "1_gt"),
+        ("1_2", "1_2_gt"),
+        ("im0001", "im0001.ah"),
+    ):
+        write_case(tmp_path, image)
+        (tmp_path / "masks" / f"{image}.png").rename(tmp_path / "masks" / f"{mask}.png")
+    write_case(tmp_path, "same")  # an exact stem still pairs
+    (tmp_path / "fov").mkdir()
+    cv2.imwrite(str(tmp_path / "fov" / "1_2-fov.png"), np.full((24, 32), 255, np.uint8))
+    task = read_task(tmp_path)
+    assert [(c.name, c.mask_path.name) for c in task.cases] == [
+        ("1", "1_gt.png"),
+        ("1_2", "1_2_gt.png"),  # the longest image stem it extends, not "1"
+        ("Image_01L", "Image_01L_1stHO.png"),
+        ("im0001", "im0001.ah.png"),
+        ("same", "same.png"),
+    ]
+    assert [c.fov_path.name if c.fov_path else None for c in task.cases] == [
+        None,
+        "1_2-fov.png",
+        None,
+        None,
+        None,
+    ]
+    assert all(load_case(c)[1].max() == 255 for c in task.cases)
+
+
+def test_two_masks_for_one_image_name_both(tmp_path: Path) -> None:
+    write_case(tmp_path, "Image_01L")
+    (tmp_path / "masks" / "Image_01L.png").rename(tmp_path / "masks" / "Image_01L_1stHO.png")
+    write_case(tmp_path, "x")
+    (tmp_path / "masks" / "x.png").rename(tmp_path / "masks" / "Image_01L_2ndHO.png")
+    (tmp_path / "images" / "x.png").unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"two files belong to the image Image_01L\.png: Image_01L_1stHO\.png and Image_01L_2ndHO",
+    ):
         read_task(tmp_path)
 
 

@@ -195,6 +195,15 @@ def test_folder_masks_and_fovs_may_add_a_suffix_to_the_image_stem(tmp_path: Path
     assert all(load_case(c)[1].max() == 255 for c in task.cases)
 
 
+def test_chase_db1_as_distributed_reads_as_a_folder_task_with_its_manifests_pairs() -> None:
+    # images/Image_01L.jpg, masks/Image_01L_1stHO.png, fov/Image_01L.png: the suffix rule pairs them as
+    # the set's own pairs.csv does (its second observer's masks sit in another folder, unread)
+    folder = real_csv("CHASE_DB1").parent
+    by_csv = {c.name: (c.image_path, c.mask_path, c.fov_path) for c in read_task(folder / "pairs.csv").cases}
+    by_folder = {c.name: (c.image_path, c.mask_path, c.fov_path) for c in read_task(folder).cases}
+    assert len(by_folder) == 28 and by_folder == by_csv
+
+
 def test_two_masks_for_one_image_name_both(tmp_path: Path) -> None:
     write_case(tmp_path, "Image_01L")
     (tmp_path / "masks" / "Image_01L.png").rename(tmp_path / "masks" / "Image_01L_1stHO.png")

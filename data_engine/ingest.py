@@ -159,9 +159,9 @@ def _by_image_stem(files: dict[str, Path], images: dict[str, Path], folder: Path
     paired: dict[str, Path] = {}
     for stem, path in files.items():
         owner = stem
-        if stem not in images:
-            owners = [i for i in images if any(stem.startswith(i + sep) for sep in _SUFFIX_SEPARATORS)]
-            owner = max(owners, key=len) if owners else stem
+        if stem not in images:  # the longest image stem it extends: cut at separators from the right
+            cuts = (k for k in range(len(stem) - 1, 0, -1) if stem[k] in _SUFFIX_SEPARATORS)
+            owner = next((stem[:k] for k in cuts if stem[:k] in images), stem)
         if owner in paired:
             raise ValueError(
                 f"{folder}: two files belong to the image {images[owner].name}: {paired[owner].name} and "

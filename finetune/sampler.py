@@ -12,10 +12,11 @@ Patch placement follows nnU-Net: a `foreground_fraction` share of patches is cen
 picked uniformly from a uniformly picked case (so a single thin artery in a large image is not starved),
 the rest are placed uniformly. A patch is cut with one affine warp that also applies the geometric
 augmentation (mirror, rot90, small rotation, zoom) about the patch centre; without augmentation the warp
-is an exact pixel copy. Pixels beyond the image are 0, which after normalisation is the image mean, the
-same value sliding-window inference pads with. An optional field cut (a dark, vessel-free region beyond
-a random edge) and intensity augmentation (gamma, contrast, brightness, noise, blur) then act on the
-normalised patch.
+is an exact pixel copy. A zoom out cuts a larger region and area-averages it down, so thin vessels fade as
+they do at a lower resolution instead of being skipped between sampled pixels. Pixels beyond the image are
+0, which after normalisation is the image mean, the same value sliding-window inference pads with. An
+optional field cut (a dark, vessel-free region beyond a random edge) and intensity augmentation (gamma,
+contrast, brightness, noise, blur) then act on the normalised patch.
 """
 
 from __future__ import annotations
@@ -97,8 +98,16 @@ def prepare_mask(mask: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
 
 def _affine(
     rng: np.random.Generator, centre_yx: tuple[int, int], patch_size_px: int, augment: AugmentConfig | None
-) -> np.ndarray:
-    """2x3 matrix mapping patch pixel (x, y) to image pixel (x, y) (cv2.WARP_INVERSE_MAP convention)."""
+) -> tuple[np.ndarray, int]:
+    """The warp that cuts one patch: (2x3 matrix mapping output pixel (x, y) to image pixel (x, y), in the
+    cv2.WARP_INVERSE_MAP convention; output side in px).
+
+    A zoom out (factor < 1) shows more of the image than the patch has pixels for. Sampling it directly
+    would skip pixels, and a vessel thinner than the step would flicker in and out; the image a lower
+    resolution gives has it fainter and thinner instead. So the warp then cuts the region at about full
+    resolution (output side ceil(P / zoom) > P) and the caller area-averages it down to P, as
+    `prepare_mask` and the input cap resize images and labels.
+    """
     flip_x = flip_y = 1.0
     angle = 0.0
     scale = 1.0
@@ -115,17 +124,21 @@ def _affine(
             # log-uniform, so zooming in and out by the same factor are equally likely
             low, high = augment.scale_range
             scale = math.exp(float(rng.uniform(math.log(low), math.log(high))))
+    out_px = patch_size_px
+    if scale < 1.0:
+        out_px = math.ceil(patch_size_px / scale - 1e-9)
+        scale *= out_px / patch_size_px  # the cut's own zoom, 1 or a bit above
     theta = math.radians(angle)
     cos, sin = math.cos(theta), math.sin(theta)
     # patch offset -> image offset: rotate(angle) @ (1 / zoom) @ mirror
     m = np.array([[cos, -sin], [sin, cos]]) @ np.diag([flip_x / scale, flip_y / scale])
     m = np.round(m, 12)  # exact 0 / +-1 for mirrors and rot90, so the warp stays an exact pixel copy
-    centre_out = np.array([patch_size_px // 2, patch_size_px // 2], np.float64)
+    centre_out = np.array([out_px // 2, out_px // 2], np.float64)
     centre_in = np.array([centre_yx[1], centre_yx[0]], np.float64)
     matrix = np.empty((2, 3), np.float64)
     matrix[:, :2] = m
     matrix[:, 2] = centre_in - m @ centre_out
-    return matrix
+    return matrix, out_px
 
 
 def _augment_intensity(patch_PPC: np.ndarray, rng: np.random.Generator, augment: AugmentConfig) -> None:
@@ -254,12 +267,12 @@ class PatchPool:
             case = int(rng.integers(len(self)))
             foreground = bool(rng.random() < foreground_fraction)
             centre = self._centre(rng, case, p, foreground)
-            matrix = _affine(rng, centre, p, augment)
+            matrix, cut_px = _affine(rng, centre, p, augment)
             flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
             patch_PP3 = cv2.warpAffine(
                 self._images_HWC[case],
                 matrix,
-                (p, p),
+                (cut_px, cut_px),
                 flags=flags,
                 borderMode=cv2.BORDER_CONSTANT,
                 borderValue=0,
@@ -267,11 +280,14 @@ class PatchPool:
             mask_PP = cv2.warpAffine(
                 self._masks_HW[case].astype(np.float32),
                 matrix,
-                (p, p),
+                (cut_px, cut_px),
                 flags=flags,
                 borderMode=cv2.BORDER_CONSTANT,
                 borderValue=0,
             )
+            if cut_px != p:  # a zoom out: area-average the full-resolution cut down to the patch
+                patch_PP3 = cv2.resize(patch_PP3, (p, p), interpolation=cv2.INTER_AREA).reshape(p, p, -1)
+                mask_PP = cv2.resize(mask_PP, (p, p), interpolation=cv2.INTER_AREA)
             if augment is not None:
                 # The draw only happens when the cut is on, so other configs keep their random stream.
                 if augment.field_cut_prob > 0 and rng.random() < augment.field_cut_prob:

@@ -116,6 +116,30 @@ def test_geometric_augmentation_keeps_image_and_mask_aligned() -> None:
     assert agreement == 1.0  # same warp, same interpolation, same threshold
 
 
+def test_zoom_out_area_averages_like_a_lower_resolution() -> None:
+    # Halving: the patch is the twice larger crop about its centre averaged over 2x2 pixels, as a scan at
+    # half the resolution shows it. A one-pixel vessel keeps half its contrast in one patch column; sampling
+    # every other pixel would drop it whole or keep it whole, depending on the column the centre falls on.
+    image = np.zeros((3, 80, 80), np.float32)
+    image[:, :, 41] = 1.0
+    mask = np.zeros((80, 80), np.uint8)
+    mask[30:50, 40:42] = 1  # centres on rows 30..49 and columns 40 or 41: the crop stays inside the image
+    pool = PatchPool()
+    pool.add(image, mask)
+    halve = AugmentConfig(
+        flip_prob=0, rot90_prob=0, rotate_prob=0, scale_prob=1.0, scale_range=(0.5, 0.5), gamma_prob=0,
+        contrast_prob=0, brightness_prob=0, noise_prob=0, blur_prob=0,
+    )  # fmt: skip
+    patches, masks = pool.sample(np.random.default_rng(0), 8, patch_size_px=16, foreground_fraction=1.0,
+                                 augment=halve)  # fmt: skip
+    expected = np.zeros((3, 16, 16), np.float32)
+    expected[:, :, 8] = 0.5  # crop columns 16 and 17 (or 15 and 16) from the centre column 40 (or 41)
+    for n in range(8):
+        assert np.array_equal(patches[n], expected)
+        assert masks[n, 0, :, 8].sum() >= 8  # the label rows the patch reaches
+        assert not masks[n, 0, :, :7].any() and not masks[n, 0, :, 9:].any()
+
+
 def test_field_cut_darkens_beyond_an_edge_and_clears_the_mask_there() -> None:
     rng = np.random.default_rng(3)
     image = rng.normal(size=(3, 64, 64)).astype(np.float32)

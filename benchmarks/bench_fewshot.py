@@ -44,17 +44,13 @@ def machine_line() -> str:
 Job = tuple[str, int | None, int, str, str, list[str], int, str, int]
 
 
-def run_job(job: Job) -> str:
-    """One run folder: full supervision of a set at segmenter seed `full_seed` (shots None) or the
-    few-shot methods at `shots`."""
-    name, shots, draws, profile, out, overrides, threads, methods, full_seed = job
-    import torch
-
-    torch.set_num_threads(threads)
+def job_config(job: Job) -> tuple[Path, Path, Any]:
+    """(task CSV, run folder, finetune config) of one job: full supervision of a set at segmenter seed
+    `full_seed` (shots None) or the few-shot methods at `shots`."""
+    name, shots, draws, profile, out, overrides, _threads, methods, full_seed = job
     from finetune.config import load_finetune_config
-    from finetune.run import profile_path, run_finetune
+    from finetune.run import profile_path
 
-    task = DATA / name / "pairs.csv"
     if shots is None:
         run_dir = Path(out) / name / full_dir_name(full_seed)
         more = ["methods=[full]", "split.num_draws=1", "split.shots=1"]
@@ -63,10 +59,47 @@ def run_job(job: Job) -> str:
     else:
         run_dir = Path(out) / name / f"shots_{shots}"
         more = [f"methods=[{methods}]", f"split.num_draws={draws}", f"split.shots={shots}"]
-    cfg = load_finetune_config(profile_path(profile), [*overrides, *more])
+    return (
+        DATA / name / "pairs.csv",
+        run_dir,
+        load_finetune_config(profile_path(profile), [*overrides, *more]),
+    )
+
+
+def run_job(job: Job) -> str:
+    """One run folder (see job_config), resumed when it exists."""
+    import torch
+
+    torch.set_num_threads(job[6])  # the job's threads
+    from finetune.run import run_finetune
+
+    task, run_dir, cfg = job_config(job)
     started = time.perf_counter()
     run_finetune(task, run_dir, cfg, resume=run_dir.exists(), progress=False)
     return f"{run_dir}: {time.perf_counter() - started:.0f} s"
+
+
+def conflicting_runs(runs: Sequence[tuple[Path, Any]]) -> list[str]:
+    """Each (run folder, config) whose folder already holds a run of other settings, with what differs.
+
+    Checked before a campaign starts: `univg finetune` refuses such a folder too, but only when its turn
+    comes, which can be hours into the campaign."""
+    import yaml
+
+    from finetune.run import CONFIG_FILE, config_differences, with_checkout_paths
+    from univg.config import to_dict
+
+    found = []
+    for run_dir, cfg in runs:
+        path = run_dir / CONFIG_FILE
+        if not path.is_file():
+            continue
+        saved = yaml.safe_load(path.read_text()) or {}
+        wanted = to_dict(with_checkout_paths(cfg))  # the paths as the run records them
+        diffs = config_differences({key: saved.get(key) for key in wanted}, wanted)
+        if diffs:
+            found.append(f"{run_dir}: {'; '.join(diffs[:3])}")
+    return found
 
 
 def usable_cores() -> int:
@@ -290,6 +323,14 @@ def main() -> int:
         if not args.skip_full:
             jobs += [(n, None, *common, s) for s in range(args.full_seeds) for n in sets]
         jobs += [(n, k, *common, 0) for k in shot_counts for n in sets]
+        conflicts = conflicting_runs([job_config(job)[1:] for job in jobs])
+        if conflicts:
+            print(
+                f"{args.out} holds runs made with other settings (another --out, or the same settings):\n  "
+                + "\n  ".join(conflicts),
+                file=sys.stderr,
+            )
+            return 2
         run_jobs(run_job, jobs, args.jobs)
     results = collect(args.out, args.baseline_from)
     (args.out / "fewshot.json").write_text(json.dumps(results, indent=2) + "\n")

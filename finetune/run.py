@@ -193,7 +193,7 @@ def prepare_run_dir(
                     f"--resume auto: {out} holds no {CONFIG_FILE} of a {kind}; nothing to resume"
                 )
             if previous != cfg_dict:
-                diffs = _differences(previous, cfg_dict)
+                diffs = config_differences(previous, cfg_dict)
                 raise ValueError(
                     f"--resume auto: {config_path} differs from this run's config ({'; '.join(diffs[:5])}); "
                     "use the same settings, --overwrite, or a new --out"
@@ -210,11 +210,12 @@ def prepare_run_dir(
         tmp.replace(config_path)
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Where two config dicts differ, as "dotted.key: old -> new" lines (nested dicts walked key by key)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for k in sorted(set(a) | set(b)):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += config_differences(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 

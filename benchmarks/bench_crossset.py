@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_fewshot import run_jobs
+from bench_fewshot import refuse_conflicts, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -34,19 +34,28 @@ METHODS = ("univg", "baseline")
 Job = tuple[str, str, str, int, int, str, str, list[str], int, bool]
 
 
+def job_config(job: Job) -> tuple[Path, Any]:
+    """(run folder, finetune config) of one job: the shots of `source`, scored on `target`."""
+    _data, source, target, shots, draws, profile, out, overrides, _threads, _target_unlabelled = job
+    sys.path.insert(0, str(ROOT))
+    from finetune.config import load_finetune_config
+    from finetune.run import profile_path
+
+    more = [f"methods=[{','.join(METHODS)}]", f"split.num_draws={draws}", f"split.shots={shots}"]
+    return Path(out) / f"{source}_on_{target}", load_finetune_config(
+        profile_path(profile), [*overrides, *more]
+    )
+
+
 def run_job(job: Job) -> str:
-    """One run folder: the shots of `source`, scored on `target`."""
-    data, source, target, shots, draws, profile, out, overrides, threads, target_unlabelled = job
+    """One run folder (see job_config), resumed when it exists."""
+    data, source, target, _shots, _draws, _profile, _out, _overrides, threads, target_unlabelled = job
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(ROOT))
-    from finetune.config import load_finetune_config
-    from finetune.run import profile_path, run_finetune
+    from finetune.run import run_finetune
 
-    run_dir = Path(out) / f"{source}_on_{target}"
-    more = [f"methods=[{','.join(METHODS)}]", f"split.num_draws={draws}", f"split.shots={shots}"]
-    cfg = load_finetune_config(profile_path(profile), [*overrides, *more])
+    run_dir, cfg = job_config(job)
     started = time.perf_counter()
     task, scored = (Path(data) / name / "pairs.csv" for name in (source, target))
     run_finetune(
@@ -172,6 +181,8 @@ def main() -> int:
             for b in sets
             if a != b or args.diagonal
         ]
+        if refuse_conflicts(args.out, [job_config(job) for job in jobs]):
+            return 2
         run_jobs(run_job, jobs, args.jobs)
     results = collect(args.out)
     (args.out / "crossset.json").write_text(json.dumps(results, indent=2) + "\n")

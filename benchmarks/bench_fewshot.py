@@ -102,6 +102,18 @@ def conflicting_runs(runs: Sequence[tuple[Path, Any]]) -> list[str]:
     return found
 
 
+def refuse_conflicts(out: Path, runs: Sequence[tuple[Path, Any]]) -> bool:
+    """Print the conflicting_runs of a campaign to stderr; True when there is one (the campaign stops)."""
+    conflicts = conflicting_runs(runs)
+    if conflicts:
+        print(
+            f"{out} holds runs made with other settings (another --out, or the same settings):\n  "
+            + "\n  ".join(conflicts),
+            file=sys.stderr,
+        )
+    return bool(conflicts)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (a `taskset` binding counts), else every core of the machine."""
     if hasattr(os, "sched_getaffinity"):
@@ -323,13 +335,7 @@ def main() -> int:
         if not args.skip_full:
             jobs += [(n, None, *common, s) for s in range(args.full_seeds) for n in sets]
         jobs += [(n, k, *common, 0) for k in shot_counts for n in sets]
-        conflicts = conflicting_runs([job_config(job)[1:] for job in jobs])
-        if conflicts:
-            print(
-                f"{args.out} holds runs made with other settings (another --out, or the same settings):\n  "
-                + "\n  ".join(conflicts),
-                file=sys.stderr,
-            )
+        if refuse_conflicts(args.out, [job_config(job)[1:] for job in jobs]):
             return 2
         run_jobs(run_job, jobs, args.jobs)
     results = collect(args.out, args.baseline_from)

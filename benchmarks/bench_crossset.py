@@ -37,7 +37,8 @@ Job = tuple[str, str, str, int, int, str, str, list[str], int, bool]
 def job_config(job: Job) -> tuple[Path, Any]:
     """(run folder, finetune config) of one job: the shots of `source`, scored on `target`."""
     _data, source, target, shots, draws, profile, out, overrides, _threads, _target_unlabelled = job
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # called once per job, in the campaign and in each worker
+        sys.path.insert(0, str(ROOT))
     from finetune.config import load_finetune_config
     from finetune.run import profile_path
 

@@ -11,8 +11,8 @@ vessels minus the mean inside them, in the image's standard units, unsigned (ves
 than their surroundings alike). The test cases are split at half the shots' mean contrast: "fainter" (below)
 and "like the shots". For each named group of finished `univg finetune` method folders (glob patterns;
 several folders, e.g. training seeds, are averaged per case), it prints the mean test Dice over all test cases
-and over each group, from the folders' `eval/cases.csv`. The shots are read from the first folder's
-`../split.json`; every folder must have been drawn with the same shots. Labels are read for grouping only.
+and over each group, from the folders' `eval/cases.csv`. The shots are read from the folders'
+`../split.json`, which must all name the same shots. Labels are read for grouping only.
 """
 
 from __future__ import annotations

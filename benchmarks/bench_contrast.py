@@ -13,6 +13,13 @@ and "like the shots". For each named group of finished `univg finetune` method f
 several folders, e.g. training seeds, are averaged per case), it prints the mean test Dice over all test cases
 and over each group, from the folders' `eval/cases.csv`. The shots are read from the folders'
 `../split.json`, which must all name the same shots. Labels are read for grouping only.
+
+`--errors` adds, per model group and contrast group, what kind of pixels the errors are, pooled over the
+folders' saved predictions (`eval/pred/<case>.png`) and the group's cases, inside the FOV where there is one:
+the share of labelled vessel found on thin vessels (local radius <= THIN_RADIUS_PX, read from the label's
+distance transform) and on wider ones, and the predicted vessel pixels outside the label within RIM_PX of it
+(a rim too wide) and farther (false vessels: a collimator's dark outside, a catheter), each per labelled
+vessel pixel.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from data_engine.ingest import load_case, read_task  # noqa: E402
 from finetune.sampler import prepare_image  # noqa: E402
 
 RING_PX = 4
+THIN_RADIUS_PX = 2.0  # a labelled pixel within 2 px of a vessel whose centre is at most this deep is "thin"
+RIM_PX = 2.0  # a false positive at most this far from a labelled vessel is a rim, farther a false vessel
 
 
 def vessel_contrast(image: np.ndarray, label: np.ndarray) -> float:
@@ -59,11 +68,32 @@ def dice_per_case(folders: list[Path]) -> dict[str, float]:
     return {case: float(np.mean(values)) for case, values in per_case.items()}
 
 
+def error_kinds(pred: np.ndarray, label: np.ndarray, fov: np.ndarray | None) -> np.ndarray:
+    """Pixel counts [thin found, thin, wide found, wide, false rim, false far] of one prediction."""
+    vessel = label > 0
+    inside = np.ones_like(vessel) if fov is None else fov > 0
+    depth = cv2.distanceTransform(vessel.astype(np.uint8), cv2.DIST_L2, 3)
+    # A pixel's calibre: the deepest vessel pixel within 2 px of it (the centreline's depth, for rim pixels).
+    calibre = cv2.dilate(depth, np.ones((5, 5), np.uint8))
+    thin = vessel & (calibre <= THIN_RADIUS_PX) & inside
+    wide = vessel & ~thin & inside
+    away = cv2.distanceTransform((~vessel).astype(np.uint8), cv2.DIST_L2, 3)
+    false = pred & ~vessel & inside
+    return np.array(
+        [(pred & thin).sum(), thin.sum(), (pred & wide).sum(), wide.sum(), (false & (away <= RIM_PX)).sum()]
+        + [(false & (away > RIM_PX)).sum()],
+        np.float64,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--set", required=True, help="a set folder in ../shared/data")
     parser.add_argument(
         "groups", nargs="+", help="label=glob of univg finetune method folders (a label may repeat)"
+    )
+    parser.add_argument(
+        "--errors", action="store_true", help="also the kinds of error per group, from eval/pred (docstring)"
     )
     args = parser.parse_args()
     if not (DATA / args.set / "pairs.csv").is_file():
@@ -88,10 +118,13 @@ def main() -> int:
     shots = json.loads(splits.pop())
     task = read_task(DATA / args.set / "pairs.csv")
     contrast: dict[str, float] = {}
+    labels: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for case in task.cases:
         if case.split == "test" or case.name in shots:
-            image, label, _fov = load_case(case)
+            image, label, fov = load_case(case)
             contrast[case.name] = vessel_contrast(image, label)
+            if args.errors and case.split == "test":
+                labels[case.name] = (label, fov)
     shots_mean = float(np.mean([contrast[s] for s in shots]))
     test = [c.name for c in task.cases if c.split == "test"]
     fainter = [c for c in test if contrast[c] < 0.5 * shots_mean]
@@ -113,6 +146,28 @@ def main() -> int:
             np.mean([dice[c] for c in cases]) if cases else float("nan") for cases in (test, fainter, alike)
         ]
         print(f"| {label} | {len(folders)} | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
+    if args.errors:
+        print(
+            "\n| models | cases | thin vessel found | wider vessel found | false rim / vessel px "
+            "| false vessel / vessel px |\n|---|---|---|---|---|---|"
+        )
+        for label, folders in groups.items():
+            for group, cases in (("fainter", fainter), ("like the shots", alike)):
+                counts = np.zeros(6)
+                for folder in folders:
+                    for case_name in cases:
+                        truth, fov = labels[case_name]
+                        path = folder / "eval" / "pred" / f"{case_name}.png"
+                        saved = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+                        if saved is None:
+                            parser.error(f"{path}: missing or unreadable (a run without saved predictions?)")
+                        counts += error_kinds(saved > 127, truth, fov)
+                vessel_px = max(counts[1] + counts[3], 1.0)
+                print(
+                    f"| {label} | {group} ({len(cases)}) | {counts[0] / max(counts[1], 1.0):.3f} | "
+                    f"{counts[2] / max(counts[3], 1.0):.3f} | {counts[4] / vessel_px:.3f} | "
+                    f"{counts[5] / vessel_px:.3f} |"
+                )
     return 0
 
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
 from data_engine.ingest import load_case, read_task  # noqa: E402
+from finetune.evaluate import match_predictions, read_prediction  # noqa: E402
 from finetune.sampler import prepare_image  # noqa: E402
 
 RING_PX = 4
@@ -151,17 +152,18 @@ def main() -> int:
             "\n| models | cases | thin vessel found | wider vessel found | false rim / vessel px "
             "| false vessel / vessel px |\n|---|---|---|---|---|---|"
         )
+        test_cases = [c for c in task.cases if c.split == "test"]
         for label, folders in groups.items():
+            try:  # every test case's saved prediction, as `univg evaluate` reads them
+                saved = [match_predictions(folder / "eval" / "pred", test_cases) for folder in folders]
+            except (FileNotFoundError, ValueError) as err:
+                parser.error(f"{label}: {err} (a run without saved predictions?)")
             for group, cases in (("fainter", fainter), ("like the shots", alike)):
                 counts = np.zeros(6)
-                for folder in folders:
+                for files in saved:
                     for case_name in cases:
                         truth, fov = labels[case_name]
-                        path = folder / "eval" / "pred" / f"{case_name}.png"
-                        saved = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-                        if saved is None:
-                            parser.error(f"{path}: missing or unreadable (a run without saved predictions?)")
-                        counts += error_kinds(saved > 127, truth, fov)
+                        counts += error_kinds(read_prediction(files[case_name][0], 0.5)[0], truth, fov)
                 vessel_px = max(counts[1] + counts[3], 1.0)
                 print(
                     f"| {label} | {group} ({len(cases)}) | {counts[0] / max(counts[1], 1.0):.3f} | "

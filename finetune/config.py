@@ -255,6 +255,11 @@ class InferConfig:
     # and the same views of the image turned by 90 degrees (with flip_tta: all 8 symmetries of the square,
     # which patch training's mirror and rot90 augmentation teaches); twice the inference time again
     rot90_tta: bool = False
+    # masks cleared outside the field of view estimated from each image (finetune/field.py: the dark, flat
+    # outside of a collimator or round camera field, joined to the border). "auto": when the estimate keeps
+    # the labelled vessels of every training shot (decided on the shots, recorded in the model); "always",
+    # "never". A task's own FOV masks are scored as before either way
+    field_from_image: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         if self.window_size_px < 0:
@@ -269,6 +274,10 @@ class InferConfig:
             raise ValueError(f"infer.threshold_rule={self.threshold_rule!r} must be 'shots' or 'area'")
         if self.area_images < 1:
             raise ValueError(f"infer.area_images={self.area_images} must be >= 1")
+        if self.field_from_image not in ("auto", "always", "never"):
+            raise ValueError(
+                f"infer.field_from_image={self.field_from_image!r} must be 'auto', 'always' or 'never'"
+            )
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,32 @@ def train_model(
             segmenter.record["threshold_source"],
             time.perf_counter() - started,
         )
+    if "field_from_image" not in segmenter.record:
+        segmenter.record["field_from_image"] = field_decision(
+            infer.field_from_image, [loaded[n] for n in train_names]
+        )
+        segmenter.save_config(model_dir)
+        log.info(
+            "%s: field of view from the image: %s", folder.name, segmenter.record["field_from_image"]["why"]
+        )
     return segmenter, model_dir
+
+
+def field_decision(rule: str, shots: Sequence[LoadedCase]) -> dict[str, Any]:
+    """Whether a segmenter clears its outputs outside the field estimated from each image
+    (`infer.field_from_image`, finetune/field.py), decided on its training shots only; its record entry."""
+    from finetune.field import MAX_SHOT_LOSS, shots_keep_vessels
+
+    keeps, worst = shots_keep_vessels([(image, mask) for image, mask, _fov in shots])
+    used = rule == "always" or (rule == "auto" and keeps)
+    if rule == "auto":
+        why = (
+            f"{'used' if keeps else 'not used'}: the estimate puts at most {100 * worst:.2f} % of a shot's "
+            f"vessel pixels outside ({'within' if keeps else 'over'} {100 * MAX_SHOT_LOSS:.1f} %)"
+        )
+    else:
+        why = f"{'used' if used else 'not used'} (field_from_image={rule})"
+    return {"rule": rule, "used": used, "worst_shot_loss": round(worst, 6), "why": why}
 
 
 def train_and_evaluate(
@@ -370,7 +395,7 @@ def train_and_evaluate(
     pred_dir.mkdir(parents=True, exist_ok=True)
 
     def predict(case: Case, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        prob = segmenter.predict_proba(image, eval_scale)
+        prob = segmenter.predict_output(image, eval_scale)
         pred = prob > segmenter.threshold
         cv2.imwrite(str(pred_dir / f"{case.name}.png"), np.where(pred, np.uint8(255), np.uint8(0)))
         return pred, prob
@@ -382,6 +407,7 @@ def train_and_evaluate(
         "threshold": segmenter.threshold,
         "threshold_source": segmenter.record.get("threshold_source"),
         "pseudo_labels": segmenter.record.get("pseudo_labels"),  # self-training, when it ran
+        "field_from_image": segmenter.record.get("field_from_image"),
         "initial_weights": None if init_from is None else str(init_from),
         "train_cases": train_names,
         "train_wall_s": segmenter.record.get("wall_s"),

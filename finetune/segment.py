@@ -94,7 +94,7 @@ def segment_folder(
     written = []
     for path in tqdm(paths, desc="segment", unit="image", disable=not progress, dynamic_ncols=True):
         image = read_image(path)
-        prob_HW = segmenter.predict_proba(image, scale)
+        prob_HW = segmenter.predict_output(image, scale)
         mask_HW = np.where(prob_HW > cut, np.uint8(255), np.uint8(0))
         target = out_dir / f"{path.stem}.png"
         if not cv2.imwrite(str(target), mask_HW):

@@ -211,9 +211,26 @@ class Segmenter:
             prob_HW = cv2.resize(prob_HW, (original_hw[1], original_hw[0]), interpolation=cv2.INTER_LINEAR)
         return np.clip(prob_HW, 0.0, 1.0).astype(np.float32)
 
+    @property
+    def field_from_image(self) -> bool:
+        """Whether outputs are cleared outside the field of view estimated from each image
+        (finetune/field.py); decided when the model was trained (`infer.field_from_image`), in its record."""
+        decision = self.record.get("field_from_image")
+        return bool(decision.get("used")) if isinstance(decision, dict) else False
+
+    def predict_output(self, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """predict_proba, then 0 outside the field estimated from the image when `field_from_image`: the
+        probability map that masks, probability files and scores are made from."""
+        prob_HW = self.predict_proba(image, scale)
+        if self.field_from_image:
+            from finetune.field import clear_outside
+
+            prob_HW = clear_outside(prob_HW, image)
+        return prob_HW
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         """uint8 HxW grey or HxWx3 BGR -> uint8 HxW {0, 255} mask at this segmenter's threshold."""
-        return np.where(self.predict_proba(image) > self.threshold, np.uint8(255), np.uint8(0))
+        return np.where(self.predict_output(image) > self.threshold, np.uint8(255), np.uint8(0))
 
     def save(self, model_dir: str | Path) -> Path:
         """Write model.safetensors and config.json into model_dir (created); returns model_dir."""

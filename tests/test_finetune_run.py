@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from finetune_testdata import DATA, write_lumen_task, write_task
+from finetune_testdata import DATA, write_collimated_task, write_lumen_task, write_task
 
 from finetune.config import FinetuneConfig, load_finetune_config
 from finetune.run import run_finetune
@@ -214,6 +214,58 @@ def test_a_task_of_one_wide_lumen_per_image(tmp_path: Path) -> None:
         assert far.size and far.mean() > 60, sample.meta["index"]  # the background keeps its level
         if lumen.size:
             assert lumen.mean() < 0.6 * far.mean(), sample.meta["index"]  # and the lumen is dark
+
+
+def test_masks_are_cleared_outside_the_field_estimated_from_the_image(tmp_path: Path) -> None:
+    """A task without FOV masks whose images have a dark, flat outside: the shots keep their vessels inside
+    the estimated field, so the run records the estimate as used, and its scored masks and `univg segment`'s
+    masks and probabilities are the model's, cleared outside that field; `field_from_image=never` records
+    and clears nothing."""
+    from data_engine.io import read_image
+    from finetune.field import estimate_field
+    from finetune.segment import segment_folder
+    from finetune.segmenter import Segmenter
+
+    csv = write_collimated_task(tmp_path / "task", ["train"] * 3 + ["test"] * 2)
+    out = tmp_path / "run"
+    run_finetune(csv, out, tiny(["methods=[univg]", "split.num_draws=1"]), progress=False)
+    model_dir = out / "draw_0" / "univg" / "model"
+    decision = json.loads((model_dir / "config.json").read_text())["record"]["field_from_image"]
+    assert decision["rule"] == "auto" and decision["used"] is True and decision["worst_shot_loss"] == 0.0
+    summary = json.loads((out / "draw_0" / "univg" / "eval" / "summary.json").read_text())
+    assert summary["field_from_image"] == decision
+    seg = Segmenter.load(model_dir)
+    assert seg.field_from_image
+    for name in ("coll_3", "coll_4"):
+        image = read_image(tmp_path / "task" / "images" / f"{name}.png")
+        field = estimate_field(image)
+        assert 0.3 < field.mean() < 0.7  # the round field, its outside found
+        raw = seg.predict_proba(image) > seg.threshold
+        pred = cv2.imread(
+            str(out / "draw_0" / "univg" / "eval" / "pred" / f"{name}.png"), cv2.IMREAD_GRAYSCALE
+        )
+        assert pred is not None and np.array_equal(pred > 0, raw & field)
+    written = segment_folder(model_dir, tmp_path / "task" / "images", tmp_path / "seg", probabilities=True,
+                             progress=False)  # fmt: skip
+    for mask_path in written:
+        image = read_image(tmp_path / "task" / "images" / mask_path.name)
+        field = estimate_field(image)
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        prob = cv2.imread(str(tmp_path / "seg" / "probabilities" / mask_path.name), cv2.IMREAD_GRAYSCALE)
+        assert mask is not None and prob is not None
+        assert not mask[~field].any() and not prob[~field].any()
+        assert np.array_equal(mask > 0, seg.predict_output(image) > seg.threshold)
+        # the network's own probability there is not 0: the zeros above are the clearing's
+        assert seg.predict_proba(image)[~field].min() > 0
+    off = tmp_path / "off"
+    run_finetune(
+        csv, off, tiny(["methods=[univg]", "split.num_draws=1", "segmenter.infer.field_from_image=never"]),
+        progress=False,
+    )  # fmt: skip
+    off_model = Segmenter.load(off / "draw_0" / "univg" / "model")
+    assert off_model.record["field_from_image"]["used"] is False and not off_model.field_from_image
+    image = read_image(tmp_path / "task" / "images" / "coll_3.png")
+    assert np.array_equal(off_model.predict_output(image), off_model.predict_proba(image))
 
 
 def test_eval_task_scores_shots_of_one_set_on_another(task_csv: Path, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
 
 One row per case (the first `--num-cases` of the split, in the task's order, unless `--cases` names
 them): image | label | each folder's errors (vessel found white, false red, missed blue, outside the FOV
-dark grey), each titled with its label and the case's Dice inside the FOV. Prediction files are
+dark grey), each titled with its label and the case's Dice inside the FOV; `--field` outlines the field of
+view estimated from the image (finetune/field.py) on the image panel. Prediction files are
 matched to cases as `univg evaluate` matches them (named after the case, its image or its mask).
 
 `--synthetic RUN/draw_0/synthetic` adds a row of close-ups where the vessels are small in the frame: the
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_engine.ingest import Case, load_case, read_task  # noqa: E402
 from finetune.evaluate import error_map, match_predictions, read_prediction  # noqa: E402
+from finetune.field import estimate_field  # noqa: E402
 from finetune.synthesis import fit_tile  # noqa: E402
 from shards.schema import decode_sample, iter_samples  # noqa: E402
 
@@ -86,6 +88,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="picture to write (.png or .jpg)")
     parser.add_argument("--synthetic", type=Path, help="a run's synthetic shard folder: a row of close-ups")
     parser.add_argument("--num-synthetic", type=int, default=4, help="composite pairs in that row")
+    parser.add_argument(
+        "--field", action="store_true", help="outline the field of view estimated from the image (green)"
+    )
     parser.add_argument("preds", nargs="+", help="LABEL=FOLDER of predicted masks, in panel order")
     args = parser.parse_args()
     task_path = Path(args.task)
@@ -115,7 +120,12 @@ def main() -> int:
         image, label, fov = load_case(case)
         truth = label > 0
         inside = np.ones(truth.shape, bool) if fov is None else fov > 0
-        tiles = [_titled(fit_tile(image, t), case.name), _titled(fit_tile(label, t), "label")]
+        shown = fit_tile(image, t)
+        if args.field:  # the estimate's edge, drawn at the tile's scale
+            outside = fit_tile(np.where(estimate_field(image), np.uint8(0), np.uint8(255)), t)[:, :, 0] > 127
+            edge = outside & ~cv2.erode(outside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            shown[edge] = (0, 220, 0)
+        tiles = [_titled(shown, case.name), _titled(fit_tile(label, t), "label")]
         for (name, _folder), files in zip(folders, matched, strict=True):
             found, _prob = read_prediction(files[case.name][0], 0.5)
             both = int((found & truth & inside).sum())

@@ -63,8 +63,11 @@ def test_dark_anatomy_with_texture_stays_inside() -> None:
     assert not estimate_field(image)[:, :45].any()
 
 
-def test_a_small_dark_corner_is_not_an_outside() -> None:
+def test_a_small_dark_corner_or_an_enclosed_dark_region_is_not_an_outside() -> None:
     image = np.full((200, 200), 150, np.uint8)
+    image[80:130, 60:140] = 5  # dark and flat (a wide lumen, a dark organ) but not joined to the border
+    assert estimate_field(image).all()
+    image[80:130, 60:140] = 150
     image[:8, :8] = 5  # 0.16 % of the image
     assert estimate_field(image).all()
     image[:30, :30] = 5  # 2.25 %

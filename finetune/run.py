@@ -888,6 +888,8 @@ def _summarise(
         stats["threshold_source"] = [e.get("threshold_source") for e in evals]
         # per draw: unlabelled images self-training labelled (0 when it did not run)
         stats["pseudo_images"] = [(e.get("pseudo_labels") or {}).get("num_images", 0) for e in evals]
+        # per draw: whether masks were cleared outside the field estimated from the image
+        stats["field_from_image"] = [bool((e.get("field_from_image") or {}).get("used")) for e in evals]
         methods[method] = stats
     optim = cfg.segmenter.optim
     started = [m for m in ("univg", "univg_gen") if m in methods] if cfg.pretrained_segmenter else []
@@ -1057,6 +1059,15 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
                 if summary["segmenter"].get("pseudo_threshold_rule") == "area"
                 else "at the threshold best on the shots at that moment."
             ),
+        ]
+    cleared = {m: st.get("field_from_image") or [] for m, st in summary["methods"].items()}
+    if any(any(flags) for flags in cleared.values()):
+        counts = ", ".join(f"{m} {sum(flags)} of {len(flags)}" for m, flags in cleared.items())
+        lines += [
+            "",
+            "Field of view from the image (segmenter.infer.field_from_image): masks cleared outside the "
+            f"dark, flat region joined to each image's border in {counts} trainings (used where every "
+            "shot keeps its labelled vessels inside the estimate).",
         ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [

@@ -234,6 +234,10 @@ def test_masks_are_cleared_outside_the_field_estimated_from_the_image(tmp_path: 
     assert decision["rule"] == "auto" and decision["used"] is True and decision["worst_shot_loss"] == 0.0
     summary = json.loads((out / "draw_0" / "univg" / "eval" / "summary.json").read_text())
     assert summary["field_from_image"] == decision
+    assert json.loads((out / "summary.json").read_text())["methods"]["univg"]["field_from_image"] == [True]
+    assert "dark, flat region joined to each image's border in univg 1 of 1 trainings" in (
+        (out / "report.md").read_text()
+    )
     seg = Segmenter.load(model_dir)
     assert seg.field_from_image
     for name in ("coll_3", "coll_4"):
@@ -262,6 +266,7 @@ def test_masks_are_cleared_outside_the_field_estimated_from_the_image(tmp_path: 
         csv, off, tiny(["methods=[univg]", "split.num_draws=1", "segmenter.infer.field_from_image=never"]),
         progress=False,
     )  # fmt: skip
+    assert "Field of view from the image" not in (off / "report.md").read_text()
     off_model = Segmenter.load(off / "draw_0" / "univg" / "model")
     assert off_model.record["field_from_image"]["used"] is False and not off_model.field_from_image
     image = read_image(tmp_path / "task" / "images" / "coll_3.png")

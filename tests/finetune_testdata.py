@@ -80,12 +80,8 @@ def write_collimated_task(root: Path, splits: list[str], size: int = 96, seed: i
             mask[int(cy), int(cx) - 5 : int(cx) + 5] = 255
         image = np.where(inside, rng.normal(150, 6, (size, size)), rng.normal(15, 1, (size, size)))
         image = np.where(mask > 0, 70.0, image).clip(0, 255).astype(np.uint8)
-        cv2.imwrite(str(root / "images" / f"coll_{i}.png"), image)
-        cv2.imwrite(str(root / "masks" / f"coll_{i}.png"), mask)
-        rows.append(f"images/coll_{i}.png,masks/coll_{i}.png,,{split}")
-    csv = root / "pairs.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    return csv
+        rows.append(_save_case(root, f"coll_{i}", image, mask, split))
+    return _save_manifest(root, rows)
 
 
 def write_lumen_task(
@@ -110,9 +106,19 @@ def write_lumen_task(
         speckle = cv2.GaussianBlur(rng.rayleigh(1.0, size).astype(np.float32), (0, 0), 1.0)
         lumen = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), 1.0)
         image = np.clip(120 * speckle * (1 - 0.85 * lumen), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(root / "images" / f"lumen_{i:02d}.png"), image)
-        cv2.imwrite(str(root / "masks" / f"lumen_{i:02d}.png"), mask)
-        rows.append(f"images/lumen_{i:02d}.png,masks/lumen_{i:02d}.png,,{split}")
+        rows.append(_save_case(root, f"lumen_{i:02d}", image, mask, split))
+    return _save_manifest(root, rows)
+
+
+def _save_case(root: Path, stem: str, image: np.ndarray, mask: np.ndarray, split: str) -> str:
+    """Write images/<stem>.png and masks/<stem>.png under root; returns its manifest row (no FOV)."""
+    cv2.imwrite(str(root / "images" / f"{stem}.png"), image)
+    cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
+    return f"images/{stem}.png,masks/{stem}.png,,{split}"
+
+
+def _save_manifest(root: Path, rows: list[str]) -> Path:
+    """root/pairs.csv holding rows (the header first); returns its path."""
     csv = root / "pairs.csv"
     csv.write_text("\n".join(rows) + "\n")
     return csv

@@ -8,6 +8,7 @@ view from the image"), so its masks are cleared there.
 
     field_HW = estimate_field(image)          # bool HxW, False outside the field
     keeps, worst = shots_keep_vessels(shots)  # is the estimate safe on this task's labelled shots?
+    decision = decide("auto", shots)          # the record a segmenter keeps: {"rule", "used", ...}
 
 The outside is what is dark, flat and joined to the image border:
 1. grey = the brightest channel (a fundus image's outside is black in all three), median-filtered (5 px);
@@ -21,12 +22,16 @@ The outside is what is dark, flat and joined to the image border:
 
 Whether a task uses it is decided on its shots, never on test labels: `shots_keep_vessels` checks that the
 estimate keeps (almost) every labelled vessel pixel of every shot. Dark vessels inside a dark, flat region
-joined to the border would fail that check, and the estimate is then not used for the task.
+joined to the border would fail that check, and the estimate is then not used for the task. A segmenter
+makes that decision once, before it trains (`decide`), and every probability map it is judged or taught
+by afterwards is cleared with it: its self-training's pseudo-labels and their threshold, the threshold
+tuned on the shots, the area threshold, the scored masks and `univg segment`'s outputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -115,3 +120,27 @@ def clear_outside(prob_HW: np.ndarray, image: np.ndarray) -> np.ndarray:
     if prob_HW.shape != image.shape[:2]:
         raise ValueError(f"probability map {prob_HW.shape} and image {image.shape[:2]} differ in size")
     return np.where(estimate_field(image), prob_HW, np.zeros((), prob_HW.dtype))
+
+
+RULES = ("auto", "always", "never")  # segmenter.infer.field_from_image
+
+
+def decide(rule: str, shots: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Whether a segmenter trained on these (image, mask) shots clears its outputs outside the field
+    estimated from each image, under `rule` (RULES): its record entry {rule, used, worst_shot_loss, why}.
+    "auto" uses the estimate when every shot keeps its vessels inside it (shots_keep_vessels), and not at
+    all when there is no labelled shot to check it on."""
+    if rule not in RULES:
+        raise ValueError(f"field_from_image: {rule!r} is not one of {', '.join(RULES)}")
+    keeps, worst = shots_keep_vessels(shots) if shots else (False, 0.0)
+    used = rule == "always" or (rule == "auto" and keeps)
+    if rule == "auto" and not shots:
+        why = "not used: no labelled shot to check the estimate on"
+    elif rule == "auto":
+        why = (
+            f"{'used' if keeps else 'not used'}: the estimate puts at most {100 * worst:.2f} % of a shot's "
+            f"vessel pixels outside ({'within' if keeps else 'over'} {100 * MAX_SHOT_LOSS:.1f} %)"
+        )
+    else:
+        why = f"{'used' if used else 'not used'} (field_from_image={rule})"
+    return {"rule": rule, "used": used, "worst_shot_loss": round(worst, 6), "why": why}

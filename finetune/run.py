@@ -52,6 +52,7 @@ import yaml
 
 from data_engine.ingest import Case, Task, load_case, read_task, unlabelled_images
 from finetune.config import FinetuneConfig, load_finetune_config
+from finetune.field import decide as decide_field
 from finetune.metrics import METRICS
 from finetune.sampler import check_scale
 from finetune.split import Split, draw_split, score_on, spread, unlabelled_cases, write_split
@@ -288,6 +289,15 @@ def train_model(
         )
         segmenter.save(model_dir)
     infer = cfg.segmenter.infer
+    if "field_from_image" not in segmenter.record:
+        # a model saved before train_segmenter made this decision itself
+        segmenter.record["field_from_image"] = decide_field(
+            infer.field_from_image, [(image, mask) for image, mask, _fov in (loaded[n] for n in train_names)]
+        )
+        segmenter.save_config(model_dir)
+        log.info(
+            "%s: field of view from the image: %s", folder.name, segmenter.record["field_from_image"]["why"]
+        )
     area_done = str(segmenter.record.get("threshold_source", "")).startswith("area")
     if infer.tune_threshold and infer.threshold_rule == "area" and unlabelled and not area_done:
         from finetune.segmenter import area_threshold
@@ -298,7 +308,7 @@ def train_model(
         segmenter.threshold, fraction = area_threshold(
             [m for _i, m, _f in shots],
             [f for _i, _m, f in shots],
-            [segmenter.predict_proba(image) for image, _f in unlabelled],
+            [segmenter.predict_output(image) for image, _f in unlabelled],
             [f for _i, f in unlabelled],
         )
         segmenter.record["threshold_source"] = (
@@ -314,32 +324,7 @@ def train_model(
             segmenter.record["threshold_source"],
             time.perf_counter() - started,
         )
-    if "field_from_image" not in segmenter.record:
-        segmenter.record["field_from_image"] = field_decision(
-            infer.field_from_image, [loaded[n] for n in train_names]
-        )
-        segmenter.save_config(model_dir)
-        log.info(
-            "%s: field of view from the image: %s", folder.name, segmenter.record["field_from_image"]["why"]
-        )
     return segmenter, model_dir
-
-
-def field_decision(rule: str, shots: Sequence[LoadedCase]) -> dict[str, Any]:
-    """Whether a segmenter clears its outputs outside the field estimated from each image
-    (`infer.field_from_image`, finetune/field.py), decided on its training shots only; its record entry."""
-    from finetune.field import MAX_SHOT_LOSS, shots_keep_vessels
-
-    keeps, worst = shots_keep_vessels([(image, mask) for image, mask, _fov in shots])
-    used = rule == "always" or (rule == "auto" and keeps)
-    if rule == "auto":
-        why = (
-            f"{'used' if keeps else 'not used'}: the estimate puts at most {100 * worst:.2f} % of a shot's "
-            f"vessel pixels outside ({'within' if keeps else 'over'} {100 * MAX_SHOT_LOSS:.1f} %)"
-        )
-    else:
-        why = f"{'used' if used else 'not used'} (field_from_image={rule})"
-    return {"rule": rule, "used": used, "worst_shot_loss": round(worst, 6), "why": why}
 
 
 def train_and_evaluate(

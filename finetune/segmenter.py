@@ -45,6 +45,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune.config import LossConfig, NetConfig, SegmenterConfig
+from finetune.field import decide as decide_field
 from finetune.sampler import PatchPool, check_scale, prepare_image, prepare_mask, resize_by
 from univg.config import ConfigError, config_from_dict, to_dict
 
@@ -473,6 +474,7 @@ def _pseudo_label(
     shots: Sequence[RealCase],
     unlabelled: Sequence[tuple[np.ndarray, np.ndarray | None]],
     pool: PatchPool,
+    field_choice: dict[str, Any],
 ) -> dict[str, Any]:
     """Label the unlabelled images with the network as it is now and add them to `pool`: the threshold is
     the one best on the shots at this moment (choose_threshold), or with pseudo.threshold_rule "area" the one
@@ -480,15 +482,19 @@ def _pseudo_label(
     self-training: the labels then carry the task's share of vessel); pixels outside an image's FOV are
     background. Mirrored averaging when cfg.pseudo.flip_tta, else one plain pass: infer.flip_tta and
     infer.rot90_tta, which are for scoring, play no part, so a saved model re-scored with or without them was
-    trained the same way.
+    trained the same way. `field_choice` is the training's field-of-view decision (finetune.field.decide):
+    when it is used, the maps are cleared outside each image's estimated field first, as the trained
+    segmenter's outputs will be, so an edge there is never taught as vessel.
     Returns what was done (threshold, the shots' Dice there, vessel fraction, time)."""
     started = time.perf_counter()
     labeller = replace(cfg, infer=replace(cfg.infer, flip_tta=cfg.pseudo.flip_tta, rot90_tta=False))
-    probe = Segmenter(network, labeller, cfg.infer.threshold, mixed_precision=mixed)
-    shot_probs = [probe.predict_proba(image) for image, _m, _f in shots]
+    probe = Segmenter(
+        network, labeller, cfg.infer.threshold, {"field_from_image": field_choice}, mixed_precision=mixed
+    )
+    shot_probs = [probe.predict_output(image) for image, _m, _f in shots]
     shot_masks = [mask for _i, mask, _f in shots]
     shot_fovs = [fov for _i, _m, fov in shots]
-    probs = [probe.predict_proba(image) for image, _fov in unlabelled]
+    probs = [probe.predict_output(image) for image, _fov in unlabelled]
     if cfg.pseudo.threshold_rule == "area":
         threshold, _fraction = area_threshold(shot_masks, shot_fovs, probs, [fov for _i, fov in unlabelled])
         shots_dice = pooled_dice(shot_probs, shot_masks, shot_fovs, threshold)
@@ -511,6 +517,7 @@ def _pseudo_label(
         "vessel_fraction": vessel / max(1, inside_total),
         "batch_fraction": cfg.pseudo.batch_fraction,
         "mirrored": cfg.pseudo.flip_tta,
+        "field_cleared": bool(field_choice["used"]),
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
@@ -598,6 +605,11 @@ def train_segmenter(
             "no unlabelled image was given" if not unlabelled else "no labelled shot sets the threshold",
         )
     pseudo_record: dict[str, Any] | None = None
+    # cleared outside each image's estimated field of view? Decided on the shots before training, so that
+    # pseudo-labels, thresholds and outputs all see the same maps (finetune/field.py)
+    field_choice = decide_field(
+        cfg.infer.field_from_image, [(image, mask) for image, mask, _fov in real_cases]
+    )
 
     def pseudo_in_batch(num_real: int) -> int:  # taken out of the real shots' share, at least one left
         if not len(pseudo_pool):
@@ -665,7 +677,13 @@ def train_segmenter(
         while step < cfg.optim.max_steps:
             if step == pseudo_step:
                 pseudo_record = _pseudo_label(
-                    accelerator.unwrap_model(network), cfg, mixed, real_cases, unlabelled, pseudo_pool
+                    accelerator.unwrap_model(network),
+                    cfg,
+                    mixed,
+                    real_cases,
+                    unlabelled,
+                    pseudo_pool,
+                    field_choice,
                 )
                 pseudo_record["at_step"] = step
                 network.train()
@@ -781,11 +799,13 @@ def train_segmenter(
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(network) if ema is None else ema.module
     trained.eval()
-    segmenter = Segmenter(trained, cfg, cfg.infer.threshold, mixed_precision=mixed)
+    segmenter = Segmenter(
+        trained, cfg, cfg.infer.threshold, {"field_from_image": field_choice}, mixed_precision=mixed
+    )
     threshold_source = "config"
     train_dice = None
     if cfg.infer.tune_threshold and real_cases:
-        probs = [segmenter.predict_proba(image) for image, _mask, _fov in real_cases]
+        probs = [segmenter.predict_output(image) for image, _mask, _fov in real_cases]
         segmenter.threshold, train_dice = choose_threshold(
             probs, [mask for _i, mask, _f in real_cases], [fov for _i, _m, fov in real_cases]
         )
@@ -805,6 +825,7 @@ def train_segmenter(
         "pseudo_patches": pseudo_patches,  # per process, cut from pseudo-labelled images (count)
         "threshold_source": threshold_source,
         "train_dice_at_threshold": train_dice,
+        "field_from_image": field_choice,
         "wall_s": round(time.perf_counter() - started, 1),
         "history": history,
     }
@@ -818,6 +839,7 @@ def train_segmenter(
             segmenter.threshold,
             threshold_source,
         )
+        log.info("field of view from the image: %s", field_choice["why"])
         if model_dir is not None:
             segmenter.save(model_dir)
     accelerator.wait_for_everyone()

@@ -59,27 +59,32 @@ def write_task(
     return csv
 
 
+def collimated_pair(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Dark vessels in a bright round field with a dark, flat outside that the mask does not mark (an image
+    intensifier's, as X-ray angiography shows): grey uint8 image and uint8 {0, 255} mask."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = size * rng.uniform(0.4, 0.6), size * rng.uniform(0.4, 0.6)
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size * 0.4) ** 2
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(3):
+        p0 = (int(rng.integers(size // 4, 3 * size // 4)), int(rng.integers(size // 4, 3 * size // 4)))
+        p1 = (int(rng.integers(size // 4, 3 * size // 4)), int(rng.integers(size // 4, 3 * size // 4)))
+        cv2.line(mask, p0, p1, 255, thickness=int(rng.integers(2, 4)))
+    mask[~inside] = 0
+    if not mask.any():
+        mask[int(cy), int(cx) - 5 : int(cx) + 5] = 255
+    image = np.where(inside, rng.normal(150, 6, (size, size)), rng.normal(15, 1, (size, size)))
+    return np.where(mask > 0, 70.0, image).clip(0, 255).astype(np.uint8), mask
+
+
 def write_collimated_task(root: Path, splits: list[str], size: int = 96, seed: int = 0) -> Path:
-    """A task of dark vessels in a bright round field whose dark, flat outside the task does not mark (an
-    image intensifier's, as X-ray angiography shows), named `coll_<i>`, no FOV column; returns the CSV."""
+    """A task of collimated_pair images named `coll_<i>`, no FOV column; returns the CSV."""
     rng = np.random.default_rng(seed)
     for sub in ("images", "masks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[:size, :size]
     rows = ["image,mask,fov,split"]
     for i, split in enumerate(splits):
-        cy, cx = size * rng.uniform(0.4, 0.6), size * rng.uniform(0.4, 0.6)
-        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size * 0.4) ** 2
-        mask = np.zeros((size, size), np.uint8)
-        for _ in range(3):
-            p0 = (int(rng.integers(size // 4, 3 * size // 4)), int(rng.integers(size // 4, 3 * size // 4)))
-            p1 = (int(rng.integers(size // 4, 3 * size // 4)), int(rng.integers(size // 4, 3 * size // 4)))
-            cv2.line(mask, p0, p1, 255, thickness=int(rng.integers(2, 4)))
-        mask[~inside] = 0
-        if not mask.any():
-            mask[int(cy), int(cx) - 5 : int(cx) + 5] = 255
-        image = np.where(inside, rng.normal(150, 6, (size, size)), rng.normal(15, 1, (size, size)))
-        image = np.where(mask > 0, 70.0, image).clip(0, 255).astype(np.uint8)
+        image, mask = collimated_pair(rng, size)
         rows.append(_save_case(root, f"coll_{i}", image, mask, split))
     return _save_manifest(root, rows)
 

@@ -11,7 +11,7 @@ import pytest
 from finetune_testdata import DATA
 
 from data_engine.io import read_image, read_mask
-from finetune.field import MAX_SHOT_LOSS, clear_outside, estimate_field, shot_loss, shots_keep_vessels
+from finetune.field import MAX_SHOT_LOSS, clear_outside, decide, estimate_field, shot_loss, shots_keep_vessels
 
 
 def collimated(seed: int = 0, size: int = 200, outside: int = 18, field: int = 140) -> tuple[np.ndarray, ...]:
@@ -86,6 +86,15 @@ def test_shots_decide_whether_the_estimate_is_used() -> None:
     assert worst == pytest.approx(shot_loss(image, bad_mask))
     with pytest.raises(ValueError, match="at least one"):
         shots_keep_vessels([])
+    # the record a segmenter keeps: auto follows the shots, always and never do not
+    good, bad = [(image, mask)], [(image, mask), (image, bad_mask)]
+    assert decide("auto", good)["used"] is True and decide("auto", bad)["used"] is False
+    assert decide("auto", bad)["worst_shot_loss"] == pytest.approx(worst, abs=1e-6)
+    assert "over 0.5 %" in decide("auto", bad)["why"]
+    assert decide("always", bad)["used"] is True and decide("never", good)["used"] is False
+    assert decide("auto", [])["used"] is False and "no labelled shot" in decide("auto", [])["why"]
+    with pytest.raises(ValueError, match="'on' is not one of auto, always, never"):
+        decide("on", good)
 
 
 def test_clear_outside_zeroes_only_the_outside() -> None:

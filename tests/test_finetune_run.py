@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -400,38 +401,47 @@ def test_images_larger_than_the_input_cap_train_downscaled_and_score_at_native_s
     assert sizes == {((36, 40), (36, 40))}
 
 
-def test_area_threshold_rule_reads_the_unlabelled_pool(task_csv: Path, tmp_path: Path) -> None:
+def test_area_threshold_rule_reads_the_unlabelled_pool(tmp_path: Path) -> None:
+    """infer.threshold_rule=area: the threshold where the undrawn train images' predicted vessel fraction is
+    the shots' labelled one, measured on the outputs as they are scored (here cleared outside each image's
+    estimated field of view)."""
     from data_engine.ingest import load_case, read_task
     from finetune.segmenter import Segmenter, area_threshold
 
+    task_csv = write_collimated_task(tmp_path / "task", ["train"] * 4 + ["test"])
     cfg = tiny(["methods=[baseline]", "segmenter.infer.threshold_rule=area"])
     out = tmp_path / "run"
-    run_finetune(task_csv, out, cfg, cases=["case_01", "case_03"], progress=False)
+    run_finetune(task_csv, out, cfg, cases=["coll_1", "coll_3"], progress=False)
     model = out / "draw_0" / "baseline" / "model"
     seg = Segmenter.load(model)
     assert (
         seg.record["threshold_source"].startswith("area:")
         and "2 unlabelled image(s)" in seg.record["threshold_source"]
     )
-    assert "shots_threshold" in seg.record
+    assert "shots_threshold" in seg.record and seg.field_from_image
     # the same threshold again from the saved weights: the two train cases not drawn, the shots' labels
     by_name = {c.name: load_case(c) for c in read_task(task_csv).cases}
-    shots = [by_name[n] for n in ("case_01", "case_03")]
-    pool = [by_name[n] for n in ("case_00", "case_02")]
-    t, fraction = area_threshold(
-        [m for _i, m, _f in shots],
-        [f for _i, _m, f in shots],
-        [seg.predict_proba(i) for i, _m, _f in pool],
-        [f for _i, _m, f in pool],
-    )
+    shots = [by_name[n] for n in ("coll_1", "coll_3")]
+    pool = [by_name[n] for n in ("coll_0", "coll_2")]
+
+    def area(outputs: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
+        return area_threshold(
+            [m for _i, m, _f in shots],
+            [f for _i, _m, f in shots],
+            [outputs(i) for i, _m, _f in pool],
+            [f for _i, _m, f in pool],
+        )
+
+    t, fraction = area(seg.predict_output)
     assert seg.threshold == pytest.approx(t) and 0 < fraction < 1
+    assert area(seg.predict_proba)[0] != pytest.approx(t)  # the raw maps' rule would cut elsewhere
     summary = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
     assert summary["threshold"] == pytest.approx(t)
     # a resume that has to score again keeps it: the rule does not run twice on a saved model
     stamp = (model / "config.json").stat().st_mtime_ns
     shutil.rmtree(out / "draw_0" / "baseline" / "eval")
     (out / "summary.json").unlink()
-    run_finetune(task_csv, out, cfg, cases=["case_01", "case_03"], resume=True, progress=False)
+    run_finetune(task_csv, out, cfg, cases=["coll_1", "coll_3"], resume=True, progress=False)
     assert (model / "config.json").stat().st_mtime_ns == stamp
     again = json.loads((out / "draw_0" / "baseline" / "eval" / "summary.json").read_text())
     assert again["threshold"] == pytest.approx(t)

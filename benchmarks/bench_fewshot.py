@@ -3,11 +3,13 @@ vs full supervision, each with the same segmenter and step budget (`univg finetu
 
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --jobs 2              # all three sets
     python benchmarks/bench_fewshot.py --sets OCTA500_3M --shots 1,5 --draws 1 --out runs/quick
+    python benchmarks/bench_fewshot.py --data /path/to/sets --sets MYSET --out runs/myset --jobs 2
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --report-only   # tables of finished runs
     python benchmarks/bench_fewshot.py --out runs/variant --methods univg --skip-full \
         --baseline-from runs/bench_fewshot segmenter.patch.synthetic_fraction_end=0    # a univg variant only
 
-Reads the sets from ../shared/data (skips those absent). Each (set, shots) is one run folder
+Reads the sets from ../shared/data, or from `--data DIR` (any folder of set folders, each with a task
+manifest `pairs.csv`: your own collections; skips those absent). Each (set, shots) is one run folder
 `<out>/<set>/shots_<k>` (methods univg + baseline, --draws draws); full supervision is one run per set,
 `<out>/<set>/full` (with `--full-seeds N`, also `<out>/<set>/full_seed<s>` for segmenter seeds 1..N-1, so
 full supervision gets a mean and std over training seeds too; `--shots ""` runs full supervision only).
@@ -41,13 +43,13 @@ def machine_line() -> str:
     return describe(machine_record())
 
 
-Job = tuple[str, int | None, int, str, str, list[str], int, str, int]
+Job = tuple[str, int | None, int, str, str, list[str], int, str, int, str]
 
 
 def job_config(job: Job) -> tuple[Path, Path, Any]:
     """(task CSV, run folder, finetune config) of one job: full supervision of a set at segmenter seed
     `full_seed` (shots None) or the few-shot methods at `shots`."""
-    name, shots, draws, profile, out, overrides, _threads, methods, full_seed = job
+    name, shots, draws, profile, out, overrides, _threads, methods, full_seed, data = job
     from finetune.config import load_finetune_config
     from finetune.run import profile_path
 
@@ -60,7 +62,7 @@ def job_config(job: Job) -> tuple[Path, Path, Any]:
         run_dir = Path(out) / name / f"shots_{shots}"
         more = [f"methods=[{methods}]", f"split.num_draws={draws}", f"split.shots={shots}"]
     return (
-        DATA / name / "pairs.csv",
+        Path(data) / name / "pairs.csv",
         run_dir,
         load_finetune_config(profile_path(profile), [*overrides, *more]),
     )
@@ -290,9 +292,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--sets", default=",".join(SETS), help="comma-separated set folders in ../shared/data"
-    )
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated set folders in --data")
     parser.add_argument(
         "--shots", default="1,3,5", help='comma-separated shot counts ("" for full supervision only)'
     )
@@ -317,24 +317,31 @@ def main() -> int:
         help="an earlier benchmark folder: its baseline and full runs stand in for the ones not run "
         "here, on the draws whose split matches (to try a univg variant without rerunning them)",
     )
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="folder of <set>/pairs.csv (default: ../shared/data)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        print(f"skipped: no real data in {DATA}")
+    data = args.data.resolve()
+    if not data.is_dir():
+        if args.data != DATA:  # a folder the user named: a mistake, not a machine without the data
+            print(f"--data {args.data}: no such folder", file=sys.stderr)
+            return 2
+        print(f"skipped: no real data in {data}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        sets = [n for n in args.sets.split(",") if (DATA / n / "pairs.csv").is_file()]
+        sets = [n for n in args.sets.split(",") if (data / n / "pairs.csv").is_file()]
         for n in sorted(set(args.sets.split(",")) - set(sets)):
-            print(f"skipped {n}: no {DATA / n / 'pairs.csv'}")
+            print(f"skipped {n}: no {data / n / 'pairs.csv'}")
         threads = max(1, usable_cores() // args.jobs)
         shot_counts = [int(k) for k in args.shots.split(",") if k.strip()]
         common = (args.draws, args.profile, str(args.out), args.overrides, threads, args.methods)
         # full supervision first, then the shot counts in the order given (most wanted first)
         jobs: list[Job] = []
         if not args.skip_full:
-            jobs += [(n, None, *common, s) for s in range(args.full_seeds) for n in sets]
-        jobs += [(n, k, *common, 0) for k in shot_counts for n in sets]
+            jobs += [(n, None, *common, s, str(data)) for s in range(args.full_seeds) for n in sets]
+        jobs += [(n, k, *common, 0, str(data)) for k in shot_counts for n in sets]
         if refuse_conflicts(args.out, [job_config(job)[1:] for job in jobs]):
             return 2
         run_jobs(run_job, jobs, args.jobs)

@@ -2,15 +2,16 @@
 
 Many vessel images hold a region that is not part of the picture: the dark outside of an X-ray
 collimator or image intensifier, the black corners around a fundus camera's round field, the outside of
-an ultrasound sector. A task may give it as a FOV mask; most do not. Fine-tuned on shots without such a
-region, a segmenter can mark the bright-to-dark edge of that outside as vessel (BENCHMARKS.md, "The field of
-view from the image"), so its masks are cleared there.
+an ultrasound sector; and, in images shown inverted or padded white, a white one. A task may give it as a
+FOV mask; most do not. Fine-tuned on shots without such a region, a segmenter can mark the edge of a dark
+outside as vessel, and where vessels are bright, a white outside itself (BENCHMARKS.md, "The field of view
+from the image" and "A white outside"), so its masks are cleared there.
 
     field_HW = estimate_field(image)          # bool HxW, False outside the field
     keeps, worst = shots_keep_vessels(shots)  # is the estimate safe on this task's labelled shots?
     decision = decide("auto", shots)          # the record a segmenter keeps: {"rule", "used", ...}
 
-The outside is what is dark, flat and joined to the image border:
+The outside is what is dark, flat and joined to the image border, or bright, flat and joined to it:
 1. grey = the brightest channel (a fundus image's outside is black in all three), median-filtered (5 px);
 2. dark: below `dark_fraction` of the grey's 75th percentile (the field's own brightness, since an outside
    rarely covers a quarter of an image); flat: a local standard deviation (7 px box) below `flat_fraction`
@@ -18,7 +19,12 @@ The outside is what is dark, flat and joined to the image border:
    it, stays inside;
 3. the components of (dark and flat) that touch the border and cover at least `min_area` of the image;
 4. grown by up to `edge_px` pixels over dark pixels only, to take in the soft edge band where that
-   marking happens, without reaching into the brighter field.
+   marking happens, without reaching into the brighter field;
+5. a white outside: steps 1-4 on the negative of the darkest channel (white is white in every channel, so a
+   fundus image's saturated red stays in), taken from its maximum: pixels within `dark_fraction` of the
+   field's distance below the image's brightest value, and as flat. Bright, flat regions joined to the
+   border that are part of the picture (an X-ray's lung fields burnt out to white) go with it; they show
+   no vessel, and the shot check below stops the estimate where they do.
 
 Whether a task uses it is decided on its shots, never on test labels: `shots_keep_vessels` checks that the
 estimate keeps (almost) every labelled vessel pixel of every shot. Dark vessels inside a dark, flat region
@@ -46,16 +52,17 @@ _MEDIAN_PX = 5
 _STD_PX = 7
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-    """uint8 HxW: the brightest channel, scaled to 0..255 when the image is not 8-bit."""
-    if image.ndim == 3:
-        image = image.max(axis=2)
-    if image.ndim != 2:
+def _grey(image: np.ndarray, darkest: bool = False) -> np.ndarray:
+    """uint8 HxW: the brightest channel (the darkest with `darkest`), scaled to 0..255 by the image's
+    maximum when the image is not 8-bit."""
+    if image.ndim not in (2, 3):
         raise ValueError(f"estimate_field needs an HxW or HxWxC image, got shape {image.shape}")
+    top = float(image.max()) if image.size else 0.0
+    if image.ndim == 3:
+        image = image.min(axis=2) if darkest else image.max(axis=2)
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image)
     grey = image.astype(np.float32)
-    top = float(grey.max()) if grey.size else 0.0
     if top > 0:
         grey = grey * (255.0 / top)
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
@@ -67,32 +74,48 @@ def estimate_field(
     flat_fraction: float = FLAT_FRACTION,
     min_area: float = MIN_AREA,
     edge_px: int = EDGE_PX,
+    bright: bool = True,
 ) -> np.ndarray:
-    """bool HxW, True inside the field of view, False on the dark, flat outside joined to the border
-    (module docstring); all True when the image has no such outside."""
-    grey = cv2.medianBlur(_grey(image), _MEDIAN_PX).astype(np.float32)
+    """bool HxW, True inside the field of view, False on the dark or bright flat outside joined to the
+    border (module docstring); all True when the image has no such outside. bright=False looks for a
+    dark outside only."""
+    outside = _flat_outside(_grey(image), dark_fraction, flat_fraction, min_area, edge_px)
+    if bright:  # the same steps on the negative of the darkest channel, taken from its maximum
+        grey = _grey(image, darkest=True)
+        negative = np.subtract(grey.max(initial=0), grey, dtype=np.uint8)
+        outside |= _flat_outside(negative, dark_fraction, flat_fraction, min_area, edge_px)
+    return ~outside
+
+
+def _flat_outside(
+    depth: np.ndarray, low_fraction: float, flat_fraction: float, min_area: float, edge_px: int
+) -> np.ndarray:
+    """bool HxW: steps 2-4 of the module docstring on a uint8 map whose outside is low (the grey for a dark
+    outside, a negative for a bright one); all False when there is none."""
+    grey = cv2.medianBlur(depth, _MEDIAN_PX).astype(np.float32)
     height, width = grey.shape
+    none = np.zeros((height, width), bool)
     level = float(np.percentile(grey, _LEVEL_PERCENTILE))
-    if level <= 0:  # a mostly black image: no field level to be darker than
-        return np.ones((height, width), bool)
+    if level <= 0:  # mostly at this extreme: no field level to measure an outside against
+        return none
     mean = cv2.blur(grey, (_STD_PX, _STD_PX))
     std = np.sqrt(np.maximum(cv2.blur(grey * grey, (_STD_PX, _STD_PX)) - mean * mean, 0.0))
-    dark = grey <= dark_fraction * level
-    seed = dark & (std <= max(flat_fraction * level, 1.0))
+    low = grey <= low_fraction * level
+    seed = low & (std <= max(flat_fraction * level, 1.0))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(seed.astype(np.uint8), connectivity=8)
     if count <= 1:
-        return np.ones((height, width), bool)
+        return none
     on_border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     big = stats[:, cv2.CC_STAT_AREA] >= min_area * height * width
     keep = [int(i) for i in on_border if i != 0 and big[i]]
     if not keep:
-        return np.ones((height, width), bool)
+        return none
     outside = np.isin(labels, keep)
     cross = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
     for _ in range(edge_px):
         grown = cv2.dilate(outside.astype(np.uint8), cross) > 0
-        outside = outside | (grown & dark)
-    return ~outside
+        outside = outside | (grown & low)
+    return outside
 
 
 def shot_loss(image: np.ndarray, mask: np.ndarray) -> float:

@@ -74,6 +74,33 @@ def test_a_small_dark_corner_or_an_enclosed_dark_region_is_not_an_outside() -> N
     assert (~estimate_field(image)[:30, :30]).mean() > 0.97 and estimate_field(image)[40:, 40:].all()
 
 
+def test_a_white_outside_is_found_in_grey_and_colour_and_not_a_bright_channel() -> None:
+    """An image shown inverted (bright vessels, the collimator's outside white): the same field as the dark
+    original, from the negative; only with bright=True. A colour image whose red alone saturates along the
+    border (a fundus camera's) keeps it inside; white in every channel does not."""
+    image, mask, inside = collimated()
+    inverted = 255 - image
+    field = estimate_field(inverted)
+    assert (field & inside).sum() / (field | inside).sum() > 0.97
+    assert shot_loss(inverted, mask) == 0.0
+    assert estimate_field(inverted, bright=False).all()  # the dark rule alone sees no outside
+    assert np.array_equal(estimate_field(image, bright=False), estimate_field(image))  # nothing white here
+    # 16-bit, scaled by its maximum like the dark outside
+    assert (estimate_field(inverted.astype(np.uint16) * 257) ^ field).mean() < 0.002
+    # colour: a red-only saturated band joined to the border stays inside, a white one does not
+    base = image.astype(np.int32)  # no dark outside either: lift it into the field's level
+    base = np.where(inside, base, 140).astype(np.uint8)
+    colour = np.stack([base // 2, base // 2, base], axis=2)
+    assert estimate_field(colour).all()
+    red = colour.copy()
+    red[:, :40, 2] = 255
+    assert estimate_field(red).all()
+    white = colour.copy()
+    white[:, :40] = 250
+    est = estimate_field(white)
+    assert not est[:, :38].any() and est[:, 50:].all()
+
+
 def test_shots_decide_whether_the_estimate_is_used() -> None:
     image, mask, _inside = collimated()
     keeps, worst = shots_keep_vessels([(image, mask)])

@@ -256,9 +256,9 @@ class InferConfig:
     # which patch training's mirror and rot90 augmentation teaches); twice the inference time again
     rot90_tta: bool = False
     # masks cleared outside the field of view estimated from each image (finetune/field.py: the dark, flat
-    # outside of a collimator or round camera field, joined to the border). "auto": when the estimate keeps
-    # the labelled vessels of every training shot (decided on the shots, recorded in the model); "always",
-    # "never". A task's own FOV masks are scored as before either way
+    # outside of a collimator or round camera field, or a white one, joined to the border). "auto": when the
+    # estimate keeps the labelled vessels of every training shot (decided on the shots, recorded in the
+    # model); "always", "never". A task's own FOV masks are scored as before either way
     field_from_image: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:

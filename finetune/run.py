@@ -1051,8 +1051,8 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
         lines += [
             "",
             "Field of view from the image (segmenter.infer.field_from_image): masks cleared outside the "
-            f"dark, flat region joined to each image's border in {counts} trainings (used where every "
-            "shot keeps its labelled vessels inside the estimate).",
+            f"dark or white flat region joined to each image's border in {counts} trainings (used where "
+            "every shot keeps its labelled vessels inside the estimate).",
         ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [

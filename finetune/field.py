@@ -23,8 +23,8 @@ The outside is what is dark, flat and joined to the image border, or bright, fla
 5. a white outside: steps 1-4 on the negative of the darkest channel (white is white in every channel, so a
    fundus image's saturated red stays in), taken from its maximum: pixels within `dark_fraction` of the
    field's distance below the image's brightest value, and as flat. Bright, flat regions joined to the
-   border that are part of the picture (an X-ray's lung fields burnt out to white) go with it; they show
-   no vessel, and the shot check below stops the estimate where they do.
+   border that are part of the picture (an X-ray's lung fields burnt out to white) go with it; on
+   CIMAT_XCA80 none holds a labelled vessel, and the shot check below stops the estimate where one does.
 
 Whether a task uses it is decided on its shots, never on test labels: `shots_keep_vessels` checks that the
 estimate keeps (almost) every labelled vessel pixel of every shot. Dark vessels inside a dark, flat region
@@ -79,9 +79,11 @@ def estimate_field(
     """bool HxW, True inside the field of view, False on the dark or bright flat outside joined to the
     border (module docstring); all True when the image has no such outside. bright=False looks for a
     dark outside only."""
-    outside = _flat_outside(_grey(image), dark_fraction, flat_fraction, min_area, edge_px)
+    grey = _grey(image)
+    outside = _flat_outside(grey, dark_fraction, flat_fraction, min_area, edge_px)
     if bright:  # the same steps on the negative of the darkest channel, taken from its maximum
-        grey = _grey(image, darkest=True)
+        if image.ndim == 3:  # one channel is its own darkest: no second conversion
+            grey = _grey(image, darkest=True)
         negative = np.subtract(grey.max(initial=0), grey, dtype=np.uint8)
         outside |= _flat_outside(negative, dark_fraction, flat_fraction, min_area, edge_px)
     return ~outside

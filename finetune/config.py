@@ -37,10 +37,15 @@ class InputConfig:
     # three, so grey and colour tasks (and grey synthetic images for a colour task) share one network.
     # Each channel is then z-scored over the whole image after clipping to its own 0.5..99.5 percentiles.
     max_side_px: int = 0  # images with a longer side (px) are downscaled to it for the network; 0 = never
+    # the task's images as they are, or inverted (their input negated), to match the polarity a pretrained
+    # start reads best: "auto" decides on the shots (finetune/polarity.py), "as_is" / "inverted" force it
+    polarity: Literal["auto", "as_is", "inverted"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_side_px < 0:
             raise ValueError(f"input.max_side_px={self.max_side_px} must be >= 0 (0 keeps native size)")
+        if self.polarity not in ("auto", "as_is", "inverted"):
+            raise ValueError(f"input.polarity={self.polarity!r} must be 'auto', 'as_is' or 'inverted'")
 
 
 @dataclass(frozen=True)

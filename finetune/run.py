@@ -393,6 +393,7 @@ def train_and_evaluate(
         "threshold_source": segmenter.record.get("threshold_source"),
         "pseudo_labels": segmenter.record.get("pseudo_labels"),  # self-training, when it ran
         "field_from_image": segmenter.record.get("field_from_image"),
+        "input_polarity": segmenter.record.get("input_polarity"),
         "initial_weights": None if init_from is None else str(init_from),
         "train_cases": train_names,
         "train_wall_s": segmenter.record.get("wall_s"),
@@ -560,10 +561,12 @@ def rehearsal_pairs(cfg: FinetuneConfig, draw: int) -> Any:
     from finetune.pretrain_segmenter import corpus_pairs
 
     r = cfg.rehearsal
+    from finetune.segmenter import CorpusPair  # marked: they keep the start's polarity (finetune/polarity.py)
+
     pairs = corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
     if r.thin_px > 0:
-        return ((image, thin_mask(mask, r.thin_px)) for image, mask in pairs)
-    return pairs
+        return (CorpusPair(image, thin_mask(mask, r.thin_px)) for image, mask in pairs)
+    return (CorpusPair(image, mask) for image, mask in pairs)
 
 
 def thin_mask(mask: np.ndarray, thin_px: float) -> np.ndarray:
@@ -875,6 +878,8 @@ def _summarise(
         stats["pseudo_images"] = [(e.get("pseudo_labels") or {}).get("num_images", 0) for e in evals]
         # per draw: whether masks were cleared outside the field estimated from the image
         stats["field_from_image"] = [bool((e.get("field_from_image") or {}).get("used")) for e in evals]
+        # per draw: whether the task's images went into the network inverted (finetune/polarity.py)
+        stats["inverted"] = [bool((e.get("input_polarity") or {}).get("inverted")) for e in evals]
         methods[method] = stats
     optim = cfg.segmenter.optim
     started = [m for m in ("univg", "univg_gen") if m in methods] if cfg.pretrained_segmenter else []
@@ -1053,6 +1058,15 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
             "Field of view from the image (segmenter.infer.field_from_image): masks cleared outside the "
             f"dark or white flat region joined to each image's border in {counts} trainings (used where "
             "every shot keeps its labelled vessels inside the estimate).",
+        ]
+    inverted = {m: st.get("inverted") or [] for m, st in summary["methods"].items()}
+    if any(any(flags) for flags in inverted.values()):
+        counts = ", ".join(f"{m} {sum(flags)} of {len(flags)}" for m, flags in inverted.items())
+        lines += [
+            "",
+            "Polarity (segmenter.input.polarity): the task's images went into the network inverted in "
+            f"{counts} trainings (where the pretrained start read the shots better inverted; "
+            "finetune/polarity.py).",
         ]
     lines += ["", "![comparison](comparison.png)", ""]
     lines += [

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -46,6 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from finetune.config import LossConfig, NetConfig, SegmenterConfig
 from finetune.field import decide as decide_field
+from finetune.polarity import decide as decide_polarity
 from finetune.sampler import PatchPool, check_scale, prepare_image, prepare_mask, resize_by
 from univg.config import ConfigError, config_from_dict, to_dict
 
@@ -58,6 +59,21 @@ IN_CHANNELS = 3  # RGB, grey replicated (finetune.sampler.prepare_image)
 
 RealCase = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (image, mask, fov or None), load_case's form
 SyntheticPair = tuple[np.ndarray, np.ndarray]  # (image, mask)
+
+
+class CorpusPair(NamedTuple):
+    """An engine-corpus pair rehearsed in a synthetic stream: it goes into the network in the polarity the
+    pretrained start learned it in, where the task's own images may go in inverted (finetune/polarity.py)."""
+
+    image: np.ndarray
+    mask: np.ndarray
+
+
+def network_input(image: np.ndarray, max_side_px: int, inverted: bool = False) -> np.ndarray:
+    """prepare_image's float32 3xHxW input, negated when `inverted`: each channel is z-scored, so that is
+    the input of the inverted image (the task's polarity choice, finetune/polarity.py)."""
+    input_3HW = prepare_image(image, max_side_px)
+    return np.negative(input_3HW, out=input_3HW) if inverted else input_3HW
 
 
 # --- networks ---
@@ -171,7 +187,7 @@ class Segmenter:
         training shots' (another resolution), scale = the shots' pixel size over the image's."""
         check_scale(scale, "scale")
         original_hw = image.shape[:2]
-        input_3HW = prepare_image(resize_by(image, scale), self.cfg.input.max_side_px)
+        input_3HW = network_input(resize_by(image, scale), self.cfg.input.max_side_px, self.inverted)
         x_13HW = torch.from_numpy(input_3HW)[None].to(self.device)
         window = self.cfg.window_size_px
         self.network.eval()
@@ -211,6 +227,13 @@ class Segmenter:
         if prob_HW.shape != original_hw:
             prob_HW = cv2.resize(prob_HW, (original_hw[1], original_hw[0]), interpolation=cv2.INTER_LINEAR)
         return np.clip(prob_HW, 0.0, 1.0).astype(np.float32)
+
+    @property
+    def inverted(self) -> bool:
+        """Whether images go into the network inverted (finetune/polarity.py); decided when the model was
+        trained (`input.polarity`), in its record. A model saved before the choice existed reads as is."""
+        decision = self.record.get("input_polarity")
+        return bool(decision.get("inverted")) if isinstance(decision, dict) else False
 
     @property
     def field_from_image(self) -> bool:
@@ -424,10 +447,13 @@ class _SyntheticFeed:
     """Pulls synthetic pairs into a ring pool; a re-iterable source (a list) larger than the pool is
     cycled, a one-shot iterator is read until it ends and the pool then keeps what it holds."""
 
-    def __init__(self, source: Iterable[SyntheticPair], pool: PatchPool, max_side_px: int) -> None:
+    def __init__(
+        self, source: Iterable[SyntheticPair], pool: PatchPool, max_side_px: int, inverted: bool = False
+    ) -> None:
         self.source = source
         self.pool = pool
         self.max_side_px = max_side_px
+        self.inverted = inverted  # the task's pairs go in inverted; rehearsed CorpusPairs never do
         self.iterator: Iterator[SyntheticPair] | None = iter(source)
         self.cyclic = self.iterator is not source
         self.pulled_this_pass = 0
@@ -462,7 +488,8 @@ class _SyntheticFeed:
                 f"synthetic pair {self.pool.num_added}: image {getattr(image, 'shape', None)} and mask "
                 f"{getattr(mask, 'shape', None)} must be arrays of the same height and width"
             )
-        input_3HW = prepare_image(image, self.max_side_px)
+        inverted = self.inverted and not isinstance(pair, CorpusPair)
+        input_3HW = network_input(image, self.max_side_px, inverted)
         self.pool.add(input_3HW, prepare_mask(mask, *input_3HW.shape[1:]))
         self.pulled_this_pass += 1
 
@@ -474,7 +501,7 @@ def _pseudo_label(
     shots: Sequence[RealCase],
     unlabelled: Sequence[tuple[np.ndarray, np.ndarray | None]],
     pool: PatchPool,
-    field_choice: dict[str, Any],
+    choices: dict[str, Any],
 ) -> dict[str, Any]:
     """Label the unlabelled images with the network as it is now and add them to `pool`: the threshold is
     the one best on the shots at this moment (choose_threshold), or with pseudo.threshold_rule "area" the one
@@ -482,15 +509,14 @@ def _pseudo_label(
     self-training: the labels then carry the task's share of vessel); pixels outside an image's FOV are
     background. Mirrored averaging when cfg.pseudo.flip_tta, else one plain pass: infer.flip_tta and
     infer.rot90_tta, which are for scoring, play no part, so a saved model re-scored with or without them was
-    trained the same way. `field_choice` is the training's field-of-view decision (finetune.field.decide):
-    when it is used, the maps are cleared outside each image's estimated field first, as the trained
-    segmenter's outputs will be, so an edge there is never taught as vessel.
+    trained the same way. `choices` holds the training's decisions, as the record keeps them:
+    "field_from_image" (finetune.field.decide; when it is used, the maps are cleared outside each image's
+    estimated field first, as the trained segmenter's outputs will be, so an edge there is never taught as
+    vessel) and "input_polarity" (finetune/polarity.py; the images go in as the trained segmenter's will).
     Returns what was done (threshold, the shots' Dice there, vessel fraction, time)."""
     started = time.perf_counter()
     labeller = replace(cfg, infer=replace(cfg.infer, flip_tta=cfg.pseudo.flip_tta, rot90_tta=False))
-    probe = Segmenter(
-        network, labeller, cfg.infer.threshold, {"field_from_image": field_choice}, mixed_precision=mixed
-    )
+    probe = Segmenter(network, labeller, cfg.infer.threshold, dict(choices), mixed_precision=mixed)
     shot_probs = [probe.predict_output(image) for image, _m, _f in shots]
     shot_masks = [mask for _i, mask, _f in shots]
     shot_fovs = [fov for _i, _m, fov in shots]
@@ -507,7 +533,7 @@ def _pseudo_label(
         mask &= inside
         vessel += int(np.count_nonzero(mask))
         inside_total += int(np.count_nonzero(inside))
-        input_3HW = prepare_image(image, cfg.input.max_side_px)
+        input_3HW = network_input(image, cfg.input.max_side_px, probe.inverted)
         pool.add(input_3HW, prepare_mask(mask, *input_3HW.shape[1:]))
     return {
         "num_images": len(unlabelled),
@@ -517,7 +543,7 @@ def _pseudo_label(
         "vessel_fraction": vessel / max(1, inside_total),
         "batch_fraction": cfg.pseudo.batch_fraction,
         "mirrored": cfg.pseudo.flip_tta,
-        "field_cleared": bool(field_choice["used"]),
+        "field_cleared": probe.field_from_image,
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
@@ -531,6 +557,31 @@ def load_initial_weights(model_dir: str | Path, cfg: SegmenterConfig) -> Segment
             "pretrain with the same profile's segmenter.net"
         )
     return start
+
+
+def _start_reader(
+    init_from: str | Path | None,
+    cfg: SegmenterConfig,
+    field_choice: dict[str, Any],
+    mixed: str,
+    device: torch.device,
+) -> Callable[[np.ndarray, bool], np.ndarray] | None:
+    """The pretrained start as finetune.polarity.decide reads a shot: (image, inverted) -> its probability
+    map, one plain pass, cleared outside the field as the trained segmenter's outputs will be. None without
+    a start, or when input.polarity is forced. Loaded without touching torch's global random state, so the
+    training that follows is the same whichever way the decision goes."""
+    if init_from is None or cfg.input.polarity != "auto":
+        return None
+    with torch.random.fork_rng(devices=[]):
+        start = load_initial_weights(init_from, cfg)
+    start.network.to(device)
+    plain = replace(cfg, infer=replace(cfg.infer, flip_tta=False, rot90_tta=False))
+
+    def read(image: np.ndarray, inverted: bool) -> np.ndarray:
+        record = {"field_from_image": field_choice, "input_polarity": {"inverted": inverted}}
+        return Segmenter(start.network, plain, cfg.infer.threshold, record, mixed).predict_output(image)
+
+    return read
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -572,15 +623,27 @@ def train_segmenter(
     accelerator = Accelerator(mixed_precision=mixed)
     main = accelerator.is_main_process
 
+    # Two decisions made once on the shots before training, so that every map the segmenter is taught or
+    # judged by afterwards sees the same inputs: cleared outside each image's estimated field of view
+    # (finetune/field.py)? inverted, to match the polarity the pretrained start reads best
+    # (finetune/polarity.py)?
+    field_choice = decide_field(
+        cfg.infer.field_from_image, [(image, mask) for image, mask, _fov in real_cases]
+    )
+    start_reader = _start_reader(init_from, cfg, field_choice, mixed, accelerator.device)
+    polarity_choice = decide_polarity(cfg.input.polarity, real_cases, start_reader)
+    choices = {"field_from_image": field_choice, "input_polarity": polarity_choice}
+    inverted = bool(polarity_choice["inverted"])
+
     # real cases -> pool once; synthetic pairs stream through a ring pool
     real_pool = PatchPool()
     for image, mask, _fov in real_cases:
-        input_3HW = prepare_image(image, cfg.input.max_side_px)
+        input_3HW = network_input(image, cfg.input.max_side_px, inverted)
         real_pool.add(input_3HW, prepare_mask(mask, *input_3HW.shape[1:]))
     synthetic_pool = PatchPool(max_cases=cfg.patch.synthetic_pool_size)
     feed = None
     if synthetic is not None:
-        feed = _SyntheticFeed(synthetic, synthetic_pool, cfg.input.max_side_px)
+        feed = _SyntheticFeed(synthetic, synthetic_pool, cfg.input.max_side_px, inverted)
         feed.pull(cfg.patch.synthetic_pool_size)
         if len(synthetic_pool) == 0 and len(real_pool) == 0:
             raise ValueError(
@@ -605,11 +668,6 @@ def train_segmenter(
             "no unlabelled image was given" if not unlabelled else "no labelled shot sets the threshold",
         )
     pseudo_record: dict[str, Any] | None = None
-    # cleared outside each image's estimated field of view? Decided on the shots before training, so that
-    # pseudo-labels, thresholds and outputs all see the same maps (finetune/field.py)
-    field_choice = decide_field(
-        cfg.infer.field_from_image, [(image, mask) for image, mask, _fov in real_cases]
-    )
 
     def pseudo_in_batch(num_real: int) -> int:  # taken out of the real shots' share, at least one left
         if not len(pseudo_pool):
@@ -683,7 +741,7 @@ def train_segmenter(
                     real_cases,
                     unlabelled,
                     pseudo_pool,
-                    field_choice,
+                    choices,
                 )
                 pseudo_record["at_step"] = step
                 network.train()
@@ -799,9 +857,7 @@ def train_segmenter(
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(network) if ema is None else ema.module
     trained.eval()
-    segmenter = Segmenter(
-        trained, cfg, cfg.infer.threshold, {"field_from_image": field_choice}, mixed_precision=mixed
-    )
+    segmenter = Segmenter(trained, cfg, cfg.infer.threshold, dict(choices), mixed_precision=mixed)
     threshold_source = "config"
     train_dice = None
     if cfg.infer.tune_threshold and real_cases:
@@ -826,6 +882,7 @@ def train_segmenter(
         "threshold_source": threshold_source,
         "train_dice_at_threshold": train_dice,
         "field_from_image": field_choice,
+        "input_polarity": polarity_choice,
         "wall_s": round(time.perf_counter() - started, 1),
         "history": history,
     }
@@ -840,6 +897,7 @@ def train_segmenter(
             threshold_source,
         )
         log.info("field of view from the image: %s", field_choice["why"])
+        log.info("polarity: %s", polarity_choice["why"])
         if model_dir is not None:
             segmenter.save(model_dir)
     accelerator.wait_for_everyone()

@@ -335,7 +335,7 @@ def test_pseudo_labels_come_from_the_network_midway_and_join_the_batches() -> No
     assert train_segmenter(cfg, shots, progress=False).record["pseudo_patches"] == 0
     # the labels: the network's own masks at the threshold best on the shots, background outside the FOV
     pool = PatchPool()
-    done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool, seg.record["field_from_image"])
+    done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool, seg.record)
     t, dice = choose_threshold(
         [seg.predict_proba(i) for i, _m, _f in shots], [m for _i, m, _f in shots], [None, None]
     )
@@ -352,16 +352,14 @@ def test_pseudo_labels_come_from_the_network_midway_and_join_the_batches() -> No
         Segmenter(seg.network, mirrored).predict_proba(images[0]), seg.predict_proba(images[0])
     )
     again = PatchPool()
-    _pseudo_label(seg.network, mirrored, "no", shots, unlabelled, again, seg.record["field_from_image"])
+    _pseudo_label(seg.network, mirrored, "no", shots, unlabelled, again, seg.record)
     for k in range(3):
         np.testing.assert_array_equal(again._masks_HW[k], pool._masks_HW[k])
     # pseudo.flip_tta: labelled with mirrored averaging, threshold chosen on the mirrored shots
     labeller = Segmenter(seg.network, mirrored)
     flipped = replace(cfg, pseudo=replace(cfg.pseudo, flip_tta=True))
     by_mirror = PatchPool()
-    done = _pseudo_label(
-        seg.network, flipped, "no", shots, unlabelled, by_mirror, seg.record["field_from_image"]
-    )
+    done = _pseudo_label(seg.network, flipped, "no", shots, unlabelled, by_mirror, seg.record)
     t, _ = choose_threshold(
         [labeller.predict_proba(i) for i, _m, _f in shots], [m for _i, m, _f in shots], [None, None]
     )
@@ -398,7 +396,7 @@ def test_area_rule_pseudo_labels_carry_the_shots_vessel_fraction() -> None:
     best, _ = choose_threshold([seg.predict_proba(i) for i, _m, _f in shots], masks, fovs)
     assert t != best  # the two rules cut these pseudo-labels apart, so the check below tells them apart
     pool = PatchPool()
-    done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool, seg.record["field_from_image"])
+    done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool, seg.record)
     assert done["threshold"] == t and done["threshold_rule"] == "area"
     shot_probs = [seg.predict_proba(i) for i, _m, _f in shots]
     assert done["shots_dice"] == pytest.approx(pooled_dice(shot_probs, masks, fovs, t))
@@ -445,7 +443,7 @@ def test_pseudo_labels_and_thresholds_see_outputs_cleared_outside_the_estimated_
         probs = [probe.predict_output(image) for image, _f in unlabelled]
         t, _fraction = area_threshold(masks, fovs, probs, [None] * 3)
         pool = PatchPool()
-        done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool, choice)
+        done = _pseudo_label(seg.network, cfg, "no", shots, unlabelled, pool, {"field_from_image": choice})
         assert done["threshold"] == t and done["field_cleared"] is choice["used"]
         for k, prob in enumerate(probs):
             np.testing.assert_array_equal(pool._masks_HW[k], (prob > t).astype(np.uint8))

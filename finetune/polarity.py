@@ -3,20 +3,22 @@
 A segmenter pretrained on the engine corpus has seen each modality in one polarity: dark vessels in fundus,
 X-ray angiography and DSA, bright ones in OCTA and MRA. A new task may show its vessels the other way round
 (an angiogram exported inverted, a fluorescein angiogram's bright vessels on a fundus), and the start then
-reads them poorly: on CIMAT_XCA80 shown inverted it scores 0.10 Dice where it scores 0.68 on the same images
-as they are, and fine-tuning on three shots ends 4 points below the set as it is (BENCHMARKS.md, "Vessel
-polarity from the shots").
+reads its shots poorly: 0.01-0.04 Dice on CHASE_DB1 made into a fluorescein-like angiogram, where it reads
+the same shots inverted at 0.64-0.72 (BENCHMARKS.md, "Vessel polarity from the shots"). Fine-tuning mostly
+learns the polarity back by itself, so the measured gain is small (+0.3 to +0.8 Dice points on X-ray
+angiography shown inverted, +0.04 and +0.08 on that angiogram), but it is free and the start then begins
+from what it knows.
 
 The network input is each channel z-scored (finetune.sampler.prepare_image), so an inverted image's input is
-exactly the negative of the image's own. Inverting a task therefore costs nothing: its prepared inputs (shots,
-their synthetic pairs, unlabelled and scored images) are multiplied by -1; the corpus pairs rehearsed beside
-them keep the polarity the start learned them in.
+the negative of the image's own (to float rounding). Inverting a task therefore costs nothing: its prepared
+inputs (shots, their synthetic pairs, unlabelled and scored images) are multiplied by -1; the corpus pairs
+rehearsed beside them keep the polarity the start learned them in.
 
     choice = decide("auto", shots, predict)   # {"rule", "inverted", "dice_as_is", "dice_inverted", "why"}
 
 `predict(image, inverted)` is the pretrained start's probability map for one shot image, fed as it is or
-inverted. Under "auto" the task is inverted only when the start's Dice on the shots, each at the threshold
-best for it pooled over the shots, is higher inverted by more than MARGIN: the decision reads the shots'
+inverted. Under "auto" the task is inverted only when the start's Dice on the shots (their pixels pooled, at
+the threshold best for each way round) is higher inverted by more than MARGIN: the decision reads the shots'
 labels only, never a test label, and a task the start already reads the right way round is left exactly as
 it was. Without a pretrained start there is nothing to match and the images go in as they are.
 """

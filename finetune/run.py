@@ -1004,6 +1004,15 @@ def start_line(segmenter: dict[str, Any]) -> str:
     return line
 
 
+def _trainings_where(summary: dict[str, Any], flag: str) -> str:
+    """Per method, in how many trainings a per-draw flag of summary.json's methods was set ("univg 2 of 3,
+    baseline 0 of 3"); empty when in none."""
+    flags = {m: st.get(flag) or [] for m, st in summary["methods"].items()}
+    if not any(any(f) for f in flags.values()):
+        return ""
+    return ", ".join(f"{m} {sum(f)} of {len(f)}" for m, f in flags.items())
+
+
 def _write_report(summary: dict[str, Any], out: Path) -> None:
     def cell(stats: dict[str, Any], name: str) -> str:
         m = stats[name]
@@ -1050,22 +1059,20 @@ def _write_report(summary: dict[str, Any], out: Path) -> None:
                 else "at the threshold best on the shots at that moment."
             ),
         ]
-    cleared = {m: st.get("field_from_image") or [] for m, st in summary["methods"].items()}
-    if any(any(flags) for flags in cleared.values()):
-        counts = ", ".join(f"{m} {sum(flags)} of {len(flags)}" for m, flags in cleared.items())
+    cleared = _trainings_where(summary, "field_from_image")
+    if cleared:
         lines += [
             "",
             "Field of view from the image (segmenter.infer.field_from_image): masks cleared outside the "
-            f"dark or white flat region joined to each image's border in {counts} trainings (used where "
+            f"dark or white flat region joined to each image's border in {cleared} trainings (used where "
             "every shot keeps its labelled vessels inside the estimate).",
         ]
-    inverted = {m: st.get("inverted") or [] for m, st in summary["methods"].items()}
-    if any(any(flags) for flags in inverted.values()):
-        counts = ", ".join(f"{m} {sum(flags)} of {len(flags)}" for m, flags in inverted.items())
+    inverted = _trainings_where(summary, "inverted")
+    if inverted:
         lines += [
             "",
             "Polarity (segmenter.input.polarity): the task's images went into the network inverted in "
-            f"{counts} trainings (where the pretrained start read the shots better inverted; "
+            f"{inverted} trainings (where the pretrained start read the shots better inverted; "
             "finetune/polarity.py).",
         ]
     lines += ["", "![comparison](comparison.png)", ""]

@@ -200,6 +200,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+STALE_LOCK_S = 600.0  # a torch extension lock older than this is taken for one a killed compile left
+
+
+def stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Lock files older than max_age_s in torch's extension cache (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions): DeepSpeed compiles a small op there on its first start, a process killed
+    during that compile leaves the op's `lock`, and every later start then waits on it without a word."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    if not root.is_dir():
+        return []
+    now = time.time()
+    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
+    return sorted(p for p in locks if now - p.stat().st_mtime > max_age_s)
+
+
 def init_distributed(derived: Derived, local_rank: int) -> None:
     """Join the launcher's process group, or make a one-process group when there is no launcher."""
     import deepspeed
@@ -494,6 +509,14 @@ def train(cfg: PretrainConfig, resume: str | None = None, overwrite: bool = Fals
     ckpt, meta = plan_run_folder(cfg, derived, resume, overwrite)
     urls, data_hash = check_shards(cfg, hash_files=cfg.data.check_sha256 and local_rank == 0)
 
+    for lock in stale_extension_locks():
+        log.warning(
+            "%s is %.0f minutes old: unless another process is compiling that op now, a compile was killed "
+            "half-way and this start will wait on it for ever; delete %s and start again",
+            lock,
+            (time.time() - lock.stat().st_mtime) / 60,
+            lock.parent,
+        )
     init_distributed(derived, local_rank)
     run = Path(cfg.out)
     dist.barrier()  # every rank has checked the run folder before rank 0 changes it

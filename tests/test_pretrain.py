@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pretrain.config import deepspeed_config, derive, load_pretrain_config
-from pretrain.train import lr_factor
+from pretrain.train import STALE_LOCK_S, lr_factor, stale_extension_locks
 from univg.cli import main
 from univg.config import ConfigError, to_dict
 
@@ -731,3 +731,24 @@ def test_controlnet_config_errors_come_before_any_step(
     err = cli(tmp_path / "d", tiny_sd, "diffusion.prediction_type=v_prediction")
     assert "diffusion.prediction_type='v_prediction' but the SD scheduler" in err
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_a_lock_a_killed_op_compile_left_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old `lock` in torch's extension cache (what a compile killed half-way leaves, on which every later
+    DeepSpeed start waits) is named; a fresh one (another process compiling now) is not."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert stale_extension_locks() == []  # no cache yet
+    old, fresh = tmp_path / "ext" / "deepspeed_shm_comm" / "lock", tmp_path / "ext" / "other_op" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    past = time.time() - STALE_LOCK_S - 60
+    os.utime(old, (past, past))
+    assert stale_extension_locks() == [old]
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default cache: ~/.cache/torch_extensions/py*_*/
+    default = tmp_path / "home" / ".cache" / "torch_extensions" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    default.parent.mkdir(parents=True)
+    default.touch()
+    os.utime(default, (past, past))
+    assert stale_extension_locks() == [default]

@@ -46,8 +46,12 @@ def decide(
 
     if rule not in RULES:
         raise ValueError(f"input.polarity: {rule!r} is not one of {', '.join(RULES)}")
-    record: dict[str, Any] = {"rule": rule, "inverted": rule == "inverted", "dice_as_is": None}
-    record["dice_inverted"] = None
+    record: dict[str, Any] = {
+        "rule": rule,
+        "inverted": rule == "inverted",
+        "dice_as_is": None,
+        "dice_inverted": None,
+    }
     if rule != "auto":
         way = "inverted" if rule == "inverted" else "as they are"
         record["why"] = f"images {way} (input.polarity={rule})"

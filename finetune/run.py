@@ -559,10 +559,9 @@ def rehearsal_pairs(cfg: FinetuneConfig, draw: int) -> Any:
     """The endless stream of corpus pairs that draw `draw` rehearses (cfg.rehearsal.corpus must be set); it
     depends only on the seed and the draw, so a resumed run trains on what a whole one would."""
     from finetune.pretrain_segmenter import corpus_pairs
-
-    r = cfg.rehearsal
     from finetune.segmenter import CorpusPair  # marked: they keep the start's polarity (finetune/polarity.py)
 
+    r = cfg.rehearsal
     pairs = corpus_pairs(r.corpus, r.seed + 1000 * draw, set(r.modalities) if r.modalities else None)
     if r.thin_px > 0:
         return (CorpusPair(image, thin_mask(mask, r.thin_px)) for image, mask in pairs)
